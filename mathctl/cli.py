@@ -1,0 +1,276 @@
+"""The `mathctl` command line: one thin command per lifecycle step, and the single error boundary.
+
+Exit codes (stable for scripts): 0 success; 1 a bug (traceback shown); 2 a user error (one `error:`
+line and a `hint:` on stderr); 3 a gate not met. `--json` prints a machine-readable summary on
+stdout; everything else goes to stderr. `MATHCTL_DEBUG=1` shows tracebacks for user errors too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import typer
+
+from mathctl import __version__
+from mathctl.core.errors import EXIT_BUG, EXIT_OK, EXIT_USER, ConfigError, MathctlError
+
+app = typer.Typer(
+    name="mathctl",
+    help="Math post-training lifecycle: data, sft, rm, grpo, mcts-sample, convert-ckpt, eval.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,
+)
+data_app = typer.Typer(help="Prepare training data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+# Shared options (one definition, one help text).
+RecipeOpt = typer.Option(None, "--recipe", "-r", help="Shipped recipe name or path to a YAML file.")
+OverridesArg = typer.Argument(None, help="Dotted overrides: train.lr=1e-5 launch.num_processes=2", show_default=False)
+ModelOpt = typer.Option(None, "--model", "-m", help="Model hub id or folder; sets model.path.")
+RunDirOpt = typer.Option(None, "--run-dir", help="Run folder (default: output.root/STEP/NAME-TIMESTAMP).")
+ResumeOpt = typer.Option(False, "--resume", help="Continue the run in --run-dir from its last complete checkpoint.")
+DryRunOpt = typer.Option(False, "--dry-run", help="Validate, print the resolved recipe, and exit.")
+JsonOpt = typer.Option(False, "--json", help="Print a JSON summary on stdout (logs stay on stderr).")
+SlurmOpt = typer.Option(False, "--slurm", help="Write an sbatch script into the run folder instead of running.")
+SubmitOpt = typer.Option(False, "--submit", help="With --slurm: submit the script with sbatch.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mathctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Math post-training lifecycle: data, sft, rm, grpo, mcts-sample, convert-ckpt, eval."""
+
+
+def _emit(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(summary, default=str) + "\n")
+        sys.stdout.flush()
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        import datasets
+
+        datasets.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+
+
+def run_step(step: str, *, recipe: str | None, overrides: list[str] | None, aliases: dict[str, Any],
+             run_dir: Path | None, resume: bool, dry_run: bool, as_json: bool, slurm: bool, submit: bool) -> None:
+    """Shared flow of every training/search step: resolve, validate, make the run folder, run or launch."""
+    from mathctl.core import launch as launching
+    from mathctl.core.config import dump_yaml, load_recipe
+    from mathctl.core.console import log
+    from mathctl.core.rundir import RunDir
+    from mathctl.worker import step_module
+
+    module, config_cls = step_module(step)
+    overrides = list(overrides or [])
+    if resume and recipe is None and not overrides and not any(v is not None for v in aliases.values()):
+        if run_dir is None:
+            raise ConfigError("--resume needs --run-dir", hint=f"mathctl {step} --resume --run-dir runs/{step}/NAME")
+        saved = run_dir / "recipe.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"cannot resume: {run_dir} holds no recipe.yaml", hint="point --run-dir at an earlier run's folder")
+        recipe = str(saved)
+    if recipe is None:
+        raise ConfigError(f"mathctl {step} needs --recipe", hint=f"e.g. mathctl {step} --recipe quickstart-{step}; "
+                          f"`mathctl {step} --help` lists the shipped recipes")
+    cfg, name = load_recipe(step, config_cls, recipe, overrides, aliases)
+    resolved = dump_yaml(cfg)
+    if dry_run:
+        if as_json:
+            _emit({"status": "valid", "step": step, "recipe": cfg.model_dump(mode="json")}, True)
+        else:
+            sys.stdout.write(resolved)
+        return
+    if slurm and cfg.launch.num_processes == 1 and cfg.launch.num_machines == 1:
+        log("note: --slurm with one process; the script starts a single worker")
+    if run_dir is None:
+        import datetime as _dt
+
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(cfg.output.root) / step / (cfg.output.name or f"{name}-{stamp}")
+    run = RunDir.create(run_dir, recipe_yaml=resolved, step=step, resume=resume, seeds=cfg.seeds())
+    log(f"run folder: {run.path}")
+    if slurm:
+        script = run.path / "launch.sbatch"
+        from mathctl.core.io import atomic_write_text
+
+        atomic_write_text(script, launching.render_slurm(step, cfg.launch, run.path))
+        summary: dict[str, Any] = {"status": "written", "run_dir": str(run.path), "sbatch": str(script)}
+        if submit:
+            import subprocess
+
+            try:
+                out = subprocess.run(["sbatch", str(script)], capture_output=True, text=True, check=True)
+            except FileNotFoundError:
+                raise ConfigError("sbatch is not on PATH", hint="run on a Slurm login node, or submit the script by hand") from None
+            except subprocess.CalledProcessError as exc:
+                raise ConfigError(f"sbatch failed: {exc.stderr.strip()}", hint="check the #SBATCH settings in launch.slurm") from None
+            summary.update(status="submitted", sbatch_output=out.stdout.strip())
+        log(f"sbatch script: {script}")
+        _emit(summary, as_json)
+        return
+    _quiet_libraries()
+    if cfg.model.path.startswith("tiny:"):
+        from mathctl.models import resolve_model_path
+
+        resolve_model_path(cfg.model.path)  # build once here, not in every worker
+    if launching.needs_launcher(cfg.launch):
+        code = launching.launch_local(cfg.launch, run.recipe_path)
+        meta = run.read_meta()
+        if code != 0:
+            if meta.get("status") == "running":
+                run.update_meta(status="failed")
+            if meta.get("error"):
+                raise typer.Exit(EXIT_USER)  # the worker already printed its error line
+            raise RuntimeError(f"workers exited with code {code}; see their output above")
+        summary = json.loads(run.summary_path.read_text())
+    else:
+        try:
+            summary = module.run(cfg, run)
+        except MathctlError as exc:
+            run.update_meta(status="failed", error=exc.message)
+            raise
+        except BaseException:
+            run.update_meta(status="failed")
+            raise
+    log(f"done: {summary.get('status')}; final model in {summary.get('final_dir', run.path)}")
+    _emit(summary, as_json)
+
+
+# --- steps ----------------------------------------------------------------------------------
+def _recipes_help(step: str) -> str:
+    from mathctl.core.config import available_recipes
+
+    return ", ".join(available_recipes(step))
+
+
+@app.command(help="Supervised fine-tuning (full or LoRA), one process to many nodes. "
+             "Shipped recipes: " + _recipes_help("sft"))
+def sft(
+    overrides: list[str] = OverridesArg,
+    recipe: str = RecipeOpt,
+    model: str = ModelOpt,
+    run_dir: Path = RunDirOpt,
+    resume: bool = ResumeOpt,
+    dry_run: bool = DryRunOpt,
+    json_out: bool = JsonOpt,
+    slurm: bool = SlurmOpt,
+    submit: bool = SubmitOpt,
+) -> None:
+    run_step("sft", recipe=recipe, overrides=overrides, aliases={"model.path": model}, run_dir=run_dir,
+             resume=resume, dry_run=dry_run, as_json=json_out, slurm=slurm, submit=submit)
+
+
+@app.command("tiny-model", help="Write a random-initialised tiny model and a locally trained tokenizer as a "
+             "Hugging Face folder (for the quickstart and tests). Recipes can also say model.path=tiny:PRESET.")
+def tiny_model(
+    out: Path = typer.Argument(..., help="Output folder (must not exist or be empty)."),
+    preset: str = typer.Option("qwen2-tiny", "--preset", help="qwen2-tiny, llama-tiny, qwen2-small, llama-small, qwen2.5-0.5b"),
+    seed: int = typer.Option(0, "--seed", help="Initialisation seed."),
+    json_out: bool = JsonOpt,
+) -> None:
+    from mathctl.models import TINY_PRESETS, build_tiny_model
+
+    if preset not in TINY_PRESETS:
+        raise ConfigError(f"unknown tiny preset '{preset}'", hint=f"available: {', '.join(TINY_PRESETS)}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"output folder {out} is not empty", hint="choose a new folder")
+    _quiet_libraries()
+    try:
+        path = build_tiny_model(out, preset, seed)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {out}: {exc.strerror or exc}", hint="choose a writable folder") from None
+    from mathctl.core.console import log
+
+    log(f"tiny model ({preset}) written to {path}")
+    _emit({"status": "completed", "path": str(path), "preset": preset, "seed": seed}, json_out)
+
+
+@data_app.command("synthetic", help="Write deterministic arithmetic word problems (problem, solution, answer) as JSONL.")
+def data_synthetic(
+    out: Path = typer.Argument(..., help="Output .jsonl file."),
+    num_problems: int = typer.Option(1000, "--num-problems", "-n", min=1),
+    seed: int = typer.Option(0, "--seed"),
+    max_digits: int = typer.Option(2, "--max-digits", min=1, max=6),
+    min_ops: int = typer.Option(1, "--min-ops", min=1),
+    max_ops: int = typer.Option(2, "--max-ops", min=1),
+    ops: str = typer.Option("+-", "--ops", help="Operations among + - *"),
+    json_out: bool = JsonOpt,
+) -> None:
+    from mathctl.core.io import write_jsonl
+    from mathctl.synthetic import SyntheticSpec, generate
+
+    if min_ops > max_ops or not ops or set(ops) - set("+-*"):
+        raise ConfigError("bad difficulty: need --min-ops <= --max-ops and --ops drawn from + - *",
+                          hint="e.g. --min-ops 1 --max-ops 3 --ops '+-*'")
+    rows = generate(SyntheticSpec(num_problems=num_problems, seed=seed, max_digits=max_digits,
+                                  min_ops=min_ops, max_ops=max_ops, ops=ops))
+    try:
+        write_jsonl(out, rows)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {out}: {exc.strerror or exc}", hint="choose a writable path") from None
+    _emit({"status": "completed", "path": str(out), "rows": len(rows)}, json_out)
+
+
+# --- entry point ----------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (the console script exits with it)."""
+    from mathctl.core.console import console
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        app(args=args, prog_name="mathctl", standalone_mode=False)
+        return EXIT_OK
+    except MathctlError as exc:
+        if os.environ.get("MATHCTL_DEBUG") == "1":
+            console.print_exception(show_locals=False)
+        from rich.text import Text
+
+        console.print(Text("error: ", style="red") + Text(exc.message))
+        if exc.hint:
+            console.print(Text(f"hint: {exc.hint}"))
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except typer.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:  # usage errors: unknown option, missing argument
+        exc.show(file=sys.stderr)
+        return EXIT_USER
+    except click.exceptions.Abort:
+        console.print("aborted")
+        return 130
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+    except Exception:
+        console.print_exception(show_locals=False)
+        return EXIT_BUG
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,223 @@
+"""Run folders: the resolved recipe, the manifest, metrics and checkpoints of one run.
+
+Layout (ARCHITECTURE.md):
+    recipe.yaml         resolved recipe; the only input worker processes read
+    meta.json           argv, versions, git revision, seeds, host, start/end, status
+    metrics.jsonl       one JSON object per logged step (rank zero only)
+    checkpoints/step_NNNNNN/   written under a temporary name, renamed when complete, COMPLETE marker
+    final/              a Hugging Face folder
+    plots/*.png
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from mathctl import __version__
+from mathctl.core.errors import CheckpointError, ConfigError
+from mathctl.core.io import append_jsonl, atomic_write_json, atomic_write_text
+
+COMPLETE_MARKER = "COMPLETE"
+_LIBRARIES = ("torch", "transformers", "accelerate", "datasets", "peft", "tokenizers", "safetensors", "vllm", "flash-attn")
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version(), "mathctl": __version__}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_revision(path: Path) -> str | None:
+    """The git commit of the checkout holding `path` (with `-dirty` when modified), if any."""
+    try:
+        rev = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class RunDir:
+    """One run's folder. Create it with `create` (CLI) or `open` (workers)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    # --- paths ---------------------------------------------------------------------------------
+    @property
+    def recipe_path(self) -> Path:
+        return self.path / "recipe.yaml"
+
+    @property
+    def meta_path(self) -> Path:
+        return self.path / "meta.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def final_dir(self) -> Path:
+        return self.path / "final"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.path / "plots"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
+
+    # --- creation ------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | os.PathLike, *, recipe_yaml: str, step: str, resume: bool,
+               seeds: dict[str, int], argv: list[str] | None = None) -> RunDir:
+        """Make (or, with `resume`, reopen) a run folder and write recipe.yaml and meta.json.
+
+        Raises:
+            ConfigError: the folder is not empty without --resume, is missing with --resume,
+                cannot be written, or holds a different recipe than the one given on resume.
+        """
+        run = cls(path)
+        exists = run.path.exists() and any(run.path.iterdir()) if run.path.is_dir() else run.path.exists()
+        if run.path.exists() and not run.path.is_dir():
+            raise ConfigError(f"run folder {run.path} is a file", hint="choose another --run-dir")
+        if exists and not resume:
+            raise ConfigError(f"run folder {run.path} is not empty",
+                              hint="pass --resume to continue that run, or choose another --run-dir")
+        if resume and not run.recipe_path.is_file():
+            raise ConfigError(f"cannot resume: {run.path} holds no recipe.yaml",
+                              hint="point --run-dir at the folder of an earlier run, or drop --resume")
+        try:
+            run.path.mkdir(parents=True, exist_ok=True)
+            probe = run.path / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(f"cannot write output folder {run.path}: {exc.strerror or exc}",
+                              hint="choose a writable --run-dir (or output.root) and check its permissions") from None
+        if resume:
+            saved = run.recipe_path.read_text()
+            if saved != recipe_yaml:
+                raise ConfigError(f"the recipe given differs from {run.recipe_path}",
+                                  hint="resume with the same recipe and overrides, or just --resume --run-dir DIR")
+        else:
+            atomic_write_text(run.recipe_path, recipe_yaml)
+        meta = run.read_meta() if resume else {}
+        meta.update({
+            "step": step,
+            "status": "running",
+            "argv": argv if argv is not None else sys.argv,
+            "versions": library_versions(),
+            "git_revision": git_revision(Path(__file__).resolve().parent),
+            "cwd_git_revision": git_revision(Path.cwd()),
+            "host": socket.gethostname(),
+            "seeds": seeds,
+            "started": meta.get("started", now()),
+            "resumed": (meta.get("resumed", []) + [now()]) if resume else [],
+            "ended": None,
+        })
+        atomic_write_json(run.meta_path, meta)
+        return run
+
+    # --- meta and metrics ----------------------------------------------------------------------
+    def read_meta(self) -> dict[str, Any]:
+        if not self.meta_path.is_file():
+            return {}
+        return json.loads(self.meta_path.read_text())
+
+    def update_meta(self, **fields: Any) -> None:
+        meta = self.read_meta()
+        meta.update(fields)
+        atomic_write_json(self.meta_path, meta)
+
+    def finish(self, status: str, summary: dict[str, Any] | None = None) -> None:
+        if summary is not None:
+            atomic_write_json(self.summary_path, summary)
+        self.update_meta(status=status, ended=now())
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        append_jsonl(self.metrics_path, record)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.is_file():
+            return []
+        rows = []
+        for line in self.metrics_path.read_text().splitlines():
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a line cut by a kill: everything after it is unreliable
+        return rows
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop records logged after `after_step` (they belong to work a resume will redo)."""
+        rows = [r for r in self.read_metrics() if r.get("step", 0) <= after_step]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def checkpoint_path(self, step: int) -> Path:
+        return self.checkpoints_dir / f"step_{step:06d}"
+
+    def complete_checkpoints(self) -> list[Path]:
+        if not self.checkpoints_dir.is_dir():
+            return []
+        found = [p for p in self.checkpoints_dir.glob("step_*")
+                 if p.is_dir() and (p / COMPLETE_MARKER).is_file() and p.name[5:].isdigit()]
+        return sorted(found, key=lambda p: int(p.name[5:]))
+
+    def latest_checkpoint(self) -> Path | None:
+        done = self.complete_checkpoints()
+        return done[-1] if done else None
+
+    def begin_checkpoint(self, step: int) -> Path:
+        """A fresh temporary folder for checkpoint `step`; `commit_checkpoint` renames it."""
+        tmp = self.checkpoints_dir / f".tmp_step_{step:06d}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit_checkpoint(self, tmp: Path, step: int, keep_last: int | None = None) -> Path:
+        (tmp / COMPLETE_MARKER).write_text(now() + "\n")
+        final = self.checkpoint_path(step)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep_last:
+            for old in self.complete_checkpoints()[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def require_checkpoint(self) -> Path:
+        latest = self.latest_checkpoint()
+        if latest is None:
+            raise CheckpointError(f"no complete checkpoint under {self.checkpoints_dir}",
+                                  hint="the run stopped before its first checkpoint; start it again without --resume")
+        return latest

@@ -1,0 +1,259 @@
+"""Loading models and tokenizers, chat templates, and tiny models built locally.
+
+Real runs load a hub id or a local Hugging Face folder through `from_pretrained`; tests and the
+quickstart use `tiny:PRESET`, a random-initialised Qwen2- or Llama-architecture model with a BPE
+tokenizer trained here with the `tokenizers` library, saved as a normal Hugging Face folder (so it
+goes through the same loading path as a real model). `mathctl tiny-model OUT --preset P` writes one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mathctl.core.config import ModelSpec
+from mathctl.core.errors import CheckpointError, ConfigError
+
+# --- chat templates ---------------------------------------------------------------------------
+# Jinja over `messages`; `add_generation_prompt` appends the assistant header. Each one puts the
+# assistant's content right after the header, so loss masks can be derived from rendered prefixes.
+CHAT_TEMPLATES: dict[str, str] = {
+    "chatml": (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+    # Tulu/OLMo role tags as used by open-instruct and Instella-Math (assistant turns end with EOS).
+    "tulu": (
+        "{{ bos_token }}{% for m in messages %}"
+        "{% if m['role'] == 'assistant' %}<|assistant|>\n{{ m['content'] }}{{ eos_token }}\n"
+        "{% else %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    ),
+    # rStar-Math's fixed prompt (train/train_SFT.py): not a chat format, one user turn then the answer.
+    "rstar": (
+        "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>:\n{{ m['content'] }}\n"
+        "{% elif m['role'] == 'assistant' %}<|assistant|>: Let's think step by step and solve the problem "
+        "with code.{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>: Let's think step by step and solve the problem with "
+        "code.{% endif %}"
+    ),
+    # No markup: the problem, a blank line, the solution and EOS (base-model style).
+    "plain": (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
+        "{% else %}{{ m['content'] }}\n\n{% endif %}{% endfor %}"
+    ),
+}
+
+
+def resolve_chat_template(spec: ModelSpec, tokenizer: Any) -> str:
+    """The template text `spec.chat_template` names; also installs it on `tokenizer`."""
+    choice = spec.chat_template
+    if choice == "tokenizer":
+        text = getattr(tokenizer, "chat_template", None)
+        if not text:
+            raise ConfigError(
+                f"the tokenizer of {spec.tokenizer or spec.path} has no chat template",
+                hint=f"set model.chat_template to one of {', '.join(CHAT_TEMPLATES)}, a .jinja file, or inline Jinja",
+            )
+    elif choice in CHAT_TEMPLATES:
+        text = CHAT_TEMPLATES[choice]
+    elif "{%" in choice or "{{" in choice:
+        text = choice
+    else:
+        path = Path(choice).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"model.chat_template '{choice}' is not a built-in name, an existing file or inline Jinja",
+                hint=f"use one of tokenizer, {', '.join(CHAT_TEMPLATES)}, a path to a .jinja file, or Jinja text",
+            )
+        text = path.read_text()
+    tokenizer.chat_template = text
+    return text
+
+
+def template_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --- tiny models ------------------------------------------------------------------------------
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>", "<|user|>", "<|assistant|>",
+                  "<code>", "<end_of_code>", "<end_of_step>", "<output>", "<end_of_output>", "<answer>",
+                  "<end_of_answer>"]
+
+# name -> (architecture, config overrides). vocab_size None = the tokenizer's size.
+TINY_PRESETS: dict[str, dict[str, Any]] = {
+    "qwen2-tiny": {"arch": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": None},
+    "llama-tiny": {"arch": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": None},
+    "qwen2-small": {"arch": "qwen2", "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "intermediate_size": 384, "vocab_size": None},
+    "llama-small": {"arch": "llama", "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "intermediate_size": 384, "vocab_size": None},
+    # The shape of Qwen2.5-0.5B (random weights) for GPU throughput benchmarks.
+    "qwen2.5-0.5b": {"arch": "qwen2", "hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
+                     "num_key_value_heads": 2, "intermediate_size": 4864, "vocab_size": 151936,
+                     "tie_word_embeddings": True, "rope_theta": 1000000.0},
+}
+TINY_VERSION = 1  # bump when the tokenizer corpus or presets change; part of the cache key
+TINY_VOCAB = 512
+
+
+def train_tiny_tokenizer(vocab_size: int = TINY_VOCAB):
+    """A byte-level BPE tokenizer trained on synthetic math text, with chat tokens and a template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from mathctl.synthetic import tokenizer_corpus
+
+    tok = Tokenizer(models.BPE())
+    # Digits one by one: arithmetic is learnable when every number is spelled the same way.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(tokenizer_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>",
+                                   bos_token="<|endoftext|>", unk_token=None)
+    fast.chat_template = CHAT_TEMPLATES["chatml"]
+    return fast
+
+
+def build_tiny_model(out_dir: str | os.PathLike, preset: str = "qwen2-tiny", seed: int = 0) -> Path:
+    """Write a random-initialised model of `preset` and its tokenizer as a Hugging Face folder."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    if preset not in TINY_PRESETS:
+        raise ConfigError(f"unknown tiny preset '{preset}'", hint=f"available: {', '.join(TINY_PRESETS)}")
+    settings = dict(TINY_PRESETS[preset])
+    arch = settings.pop("arch")
+    tokenizer = train_tiny_tokenizer()
+    if settings.get("vocab_size") is None:
+        settings["vocab_size"] = len(tokenizer)
+    settings.setdefault("tie_word_embeddings", True)
+    common = {"max_position_embeddings": 4096, "bos_token_id": tokenizer.bos_token_id,
+              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    config = config_cls(**settings, **common)
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "mathctl_tiny.json").write_text(json.dumps({"preset": preset, "seed": seed, "version": TINY_VERSION}) + "\n")
+    return out
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MATHCTL_CACHE_DIR", Path.home() / ".cache" / "mathctl"))
+
+
+def materialize_tiny(preset: str, seed: int = 0) -> Path:
+    """The cached folder of `tiny:PRESET`, built once (safe when several processes race)."""
+    target = cache_dir() / "tiny" / f"{preset}-seed{seed}-v{TINY_VERSION}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build_tiny_model(tmp, preset, seed)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # another process won the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_path(path: str) -> str:
+    """A local folder for `tiny:` and local paths; the hub id unchanged otherwise.
+
+    Raises:
+        CheckpointError: a local-looking path that does not hold a model.
+    """
+    if path.startswith("tiny:"):
+        body = path[5:]
+        preset, _, seed = body.partition("@")
+        if preset not in TINY_PRESETS:
+            raise ConfigError(f"unknown tiny preset '{preset}' in model path {path}",
+                              hint=f"use tiny:PRESET with one of {', '.join(TINY_PRESETS)}")
+        return str(materialize_tiny(preset, int(seed or 0)))
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file() and not (local / "adapter_config.json").is_file():
+            raise CheckpointError(f"model folder {path} has no config.json",
+                                  hint="point model.path at a Hugging Face model folder (e.g. a run's final/)")
+        return str(local)
+    if local.exists() or not _HUB_ID.match(path) or path.startswith((".", "/", "~")):
+        raise CheckpointError(f"model folder {path} does not exist",
+                              hint="check the path, or give a hub id such as Qwen/Qwen2.5-Math-7B, or tiny:qwen2-tiny")
+    return path  # a hub id: from_pretrained fetches it (or reads the local hub cache)
+
+
+def load_tokenizer(spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    name = resolve_model_path(spec.tokenizer or spec.path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    except OSError as exc:
+        raise CheckpointError(f"cannot load the tokenizer {name}: {str(exc).splitlines()[0]}",
+                              hint="give a local folder, or make the hub reachable (HF_HUB_OFFLINE unset, a token for gated models)") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    resolve_chat_template(spec, tokenizer)
+    return tokenizer
+
+
+def pick_attn_implementation(requested: str, device_type: str) -> str:
+    if requested != "auto":
+        return requested
+    if device_type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            return "sdpa"
+    return "sdpa"
+
+
+def load_causal_lm(spec: ModelSpec, *, dtype=None, device_type: str = "cpu", model_cls=None):
+    """`from_pretrained` for a causal LM (or `model_cls`), with the spec's attention and trust settings."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    name = resolve_model_path(spec.path)
+    cls = model_cls or AutoModelForCausalLM
+    try:
+        return cls.from_pretrained(
+            name, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
+            dtype=dtype or torch.float32, attn_implementation=pick_attn_implementation(spec.attn_implementation, device_type),
+        )
+    except OSError as exc:
+        raise CheckpointError(f"cannot load model {name}: {str(exc).splitlines()[0]}",
+                              hint="give a local Hugging Face folder, or make the hub reachable") from None

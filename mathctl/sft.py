@@ -1,0 +1,513 @@
+"""Supervised fine-tuning: `mathctl sft --recipe NAME [key=value ...]`.
+
+Reads conversations (or problem/solution pairs), renders them with the recipe's chat template,
+masks the loss to the assistant's tokens (or the whole completion with its header), and trains a
+causal LM with full weights or LoRA. Micro-batches are padding-free by default: the samples of a
+micro-batch are concatenated into one row with a block-causal attention mask (sdpa/eager) or with
+per-sample position ids (flash-attn varlen), so no compute is spent on padding and packed samples
+never see each other. The loss is the token mean over the whole optimiser step (all micro-batches,
+all processes), so it does not depend on how a step is split.
+
+Phases: setup -> data -> model -> loop (forward/backward, step, log, eval, checkpoint) -> final/.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from mathctl.core.config import LaunchConfig, LoraSpec, ModelSpec, OutputConfig, Strict, TrainBase
+from mathctl.core.console import log, progress
+from mathctl.core.errors import ConfigError, DataError
+from mathctl.core.rundir import RunDir
+
+IGNORE = -100
+
+
+# --- config ---------------------------------------------------------------------------------
+class SyntheticData(Strict):
+    """The built-in arithmetic word problems (see mathctl/synthetic.py)."""
+
+    num_problems: int = Field(2000, ge=1, description="Rows generated.")
+    seed: int = Field(0, description="Generator seed; problem i of a seed never changes.")
+    max_digits: int = Field(2, ge=1, le=6, description="Digits per operand.")
+    min_ops: int = Field(1, ge=1, description="Fewest operations per problem.")
+    max_ops: int = Field(2, ge=1, description="Most operations per problem.")
+    ops: str = Field("+-", pattern=r"^[+\-*]+$", description="Operations to draw from: any of + - *.")
+
+
+class SFTData(Strict):
+    """Where training conversations come from and how rows become messages."""
+
+    source: str = Field(
+        description="`synthetic`; a .jsonl/.json/.parquet file; a folder written by `mathctl data` (save_to_disk) "
+        "or holding data files; or a hub dataset id."
+    )
+    subset: str | None = Field(None, description="Hub dataset config name.")
+    split: str = Field("train", description="Split of a hub dataset or data folder.")
+    messages_field: str | None = Field(None, description="Field holding chat messages; auto-detected (`messages`).")
+    prompt_field: str | None = Field(None, description="Field holding the problem; auto: problem, question, query, prompt.")
+    response_field: str | None = Field(
+        None, description="Field holding the target; auto: generated_solution, solution, response, completion, answer."
+    )
+    prompt_template: str = Field("{prompt}", description="User turn built from the prompt field; `{prompt}` is replaced.")
+    system_prompt: str | None = Field(None, description="Optional system message put first.")
+    max_rows: int | None = Field(None, ge=1, description="Use only the first N rows (after loading, before the eval split).")
+    eval_rows: int = Field(0, ge=0, description="Rows held out for eval loss (taken from the end after a seeded shuffle).")
+    shuffle_seed: int = Field(42, description="Seed of the held-out split and of the per-epoch order.")
+    num_proc: int | None = Field(None, ge=1, description="Processes for tokenisation (datasets.map).")
+    synthetic: SyntheticData = Field(default_factory=SyntheticData)
+
+
+class SFTTrain(TrainBase):
+    """SFT-specific training settings on top of the shared optimiser/schedule ones."""
+
+    max_seq_len: int = Field(2048, ge=8, description="Tokens per sample; longer samples are truncated (counted in stats).")
+    packing: bool = Field(True, description="Padding-free micro-batches (see module docstring); false pads to the longest.")
+    loss_on: Literal["assistant", "completion", "all"] = Field(
+        "assistant",
+        description="assistant: the assistant's content and end-of-turn tokens; completion: also the assistant "
+        "header the template puts before it; all: every token.",
+    )
+    seed: int = Field(42, description="Model init/dropout seed.")
+
+
+class SFTConfig(Strict):
+    """`mathctl sft` recipe."""
+
+    step: Literal["sft"] = "sft"
+    model: ModelSpec
+    data: SFTData
+    train: SFTTrain = Field(default_factory=SFTTrain)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> SFTConfig:
+        syn = self.data.synthetic
+        if syn.min_ops > syn.max_ops:
+            raise ValueError(f"data.synthetic.min_ops ({syn.min_ops}) exceeds max_ops ({syn.max_ops}); lower min_ops")
+        if "{prompt}" not in self.data.prompt_template:
+            raise ValueError("data.prompt_template must contain {prompt}; e.g. '{prompt}\\nShow your steps.'")
+        if self.lora.enabled and self.launch.preset == "ddp" and self.launch.num_processes > 1:
+            raise ValueError("LoRA with launch.preset=ddp is not supported; use preset=fsdp")
+        return self
+
+    def seeds(self) -> dict[str, int]:
+        return {"train": self.train.seed, "data_shuffle": self.data.shuffle_seed, "synthetic": self.data.synthetic.seed}
+
+
+# --- data: rows -> messages -----------------------------------------------------------------
+_PROMPT_FIELDS = ("problem", "question", "query", "prompt", "instruction")
+_RESPONSE_FIELDS = ("generated_solution", "solution", "response", "completion", "output", "answer")
+
+
+def load_rows(data: SFTData) -> list[dict[str, Any]]:
+    """Raw rows of the training source (a list of dicts)."""
+    if data.source == "synthetic":
+        from mathctl.synthetic import SyntheticSpec, generate
+
+        s = data.synthetic
+        return generate(SyntheticSpec(num_problems=s.num_problems, seed=s.seed, max_digits=s.max_digits,
+                                      min_ops=s.min_ops, max_ops=s.max_ops, ops=s.ops))
+    path = Path(data.source).expanduser()
+    if path.suffix == ".jsonl":
+        from mathctl.core.io import read_jsonl
+
+        return read_jsonl(path)
+    if path.suffix in {".json", ".parquet"}:
+        if not path.is_file():
+            raise DataError(f"data file {path} does not exist", hint="check data.source")
+        import datasets
+
+        try:
+            return datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train").to_list()
+        except Exception as exc:  # pyarrow/json errors
+            raise DataError(f"cannot read {path}: {str(exc).splitlines()[0]}", hint="check the file's format") from None
+    if path.is_dir():
+        return _load_folder(path, data)
+    if path.exists() or str(data.source).startswith((".", "/", "~")) or data.source.count("/") != 1:
+        raise DataError(f"data source {data.source} does not exist",
+                        hint="give synthetic, a .jsonl/.json/.parquet file, a data folder, or a hub dataset id")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(data.source, data.subset, split=data.split)
+    except Exception as exc:  # offline, gated, unknown id
+        raise DataError(f"cannot load hub dataset {data.source}: {str(exc).splitlines()[0]}",
+                        hint="prepare it with `mathctl data` and point data.source at the folder, or make the hub reachable") from None
+    return ds.to_list()
+
+
+def _load_folder(path: Path, data: SFTData) -> list[dict[str, Any]]:
+    import datasets
+
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if data.split not in loaded:
+                raise DataError(f"{path} has no split {data.split}", hint=f"set data.split to one of {list(loaded)}")
+            loaded = loaded[data.split]
+        return loaded.to_list()
+    files = sorted(p for p in path.iterdir() if p.suffix in {".jsonl", ".json", ".parquet"})
+    if not files:
+        raise DataError(f"data folder {path} holds no dataset", hint="point data.source at a mathctl data folder or data files")
+    rows: list[dict[str, Any]] = []
+    for file in files:
+        rows += load_rows(data.model_copy(update={"source": str(file)}))
+    return rows
+
+
+def row_to_messages(row: dict[str, Any], data: SFTData, index: int) -> list[dict[str, str]]:
+    """One row as chat messages, from a messages field or a prompt/response pair."""
+    field = data.messages_field or ("messages" if "messages" in row else None)
+    if field:
+        messages = row.get(field)
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise DataError(f"row {index + 1}: field {field} is not a list of {{role, content}} messages",
+                            hint="fix the row or set data.messages_field")
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    else:
+        prompt_key = data.prompt_field or next((k for k in _PROMPT_FIELDS if k in row), None)
+        response_key = data.response_field or next((k for k in _RESPONSE_FIELDS if k in row and k != prompt_key), None)
+        if prompt_key not in row or response_key not in row:
+            raise DataError(f"row {index + 1}: cannot find prompt/response fields (has {sorted(row)})",
+                            hint="set data.prompt_field and data.response_field, or data.messages_field")
+        messages = [{"role": "user", "content": data.prompt_template.replace("{prompt}", str(row[prompt_key]))},
+                    {"role": "assistant", "content": str(row[response_key])}]
+    if data.system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": data.system_prompt}] + messages
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"row {index + 1}: no assistant message to train on", hint="every row needs an assistant turn")
+    return messages
+
+
+# --- data: messages -> token ids + labels ---------------------------------------------------
+def tokenize_conversation(messages: list[dict[str, str]], tokenizer, loss_on: str, max_len: int) -> dict[str, Any]:
+    """Render with the chat template, tokenize once, and label only the trained character spans.
+
+    The assistant span of turn i is [len(render(messages[:i], gen_prompt=True)), len(render(messages[:i+1])));
+    with `completion` the header [len(render(messages[:i])), ...) is trained too. Spans are mapped to
+    tokens through the offsets of one tokenisation of the full text, so BPE merges across the
+    boundary cannot shift them.
+    """
+    render = tokenizer.apply_chat_template
+    full = render(messages, tokenize=False)
+    spans: list[tuple[int, int]] = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(messages[:i], tokenize=False, add_generation_prompt=False) if i else ""
+        header = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        through = render(messages[: i + 1], tokenize=False)
+        if not (full.startswith(through) and through.startswith(header) and header.startswith(before)):
+            raise DataError("the chat template does not render conversations prefix by prefix; loss masks cannot be derived",
+                            hint="choose another model.chat_template (chatml, tulu, llama3, rstar, plain)")
+        spans.append((len(before) if loss_on == "completion" else len(header), len(through)))
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    labels = []
+    for token, (start, end) in zip(ids, encoded["offset_mapping"]):
+        trained = loss_on == "all" or any(s <= start < e or (start == end and s < end <= e) for s, e in spans)
+        labels.append(token if trained else IGNORE)
+    truncated = len(ids) > max_len
+    return {"input_ids": ids[:max_len], "labels": labels[:max_len], "truncated": truncated, "length": len(ids)}
+
+
+def prepare_examples(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """Train and held-out examples ({input_ids, labels}) plus statistics."""
+    import random
+
+    rows = load_rows(cfg.data)
+    if cfg.data.max_rows:
+        rows = rows[: cfg.data.max_rows]
+    if not rows:
+        raise DataError(f"data source {cfg.data.source} has no rows", hint="check data.source and data.split")
+    if rows and "input_ids" in rows[0] and "labels" in rows[0]:
+        examples = [{"input_ids": list(r["input_ids"])[: cfg.train.max_seq_len],
+                     "labels": list(r["labels"])[: cfg.train.max_seq_len],
+                     "truncated": len(r["input_ids"]) > cfg.train.max_seq_len, "length": len(r["input_ids"])}
+                    for r in rows]
+    else:
+        conversations = [row_to_messages(row, cfg.data, i) for i, row in enumerate(rows)]
+        examples = _tokenize_all(conversations, tokenizer, cfg)
+    kept = [e for e in examples if any(label != IGNORE for label in e["labels"][1:])]
+    stats = {
+        "rows": len(rows), "dropped_no_trained_tokens": len(examples) - len(kept),
+        "truncated": sum(e["truncated"] for e in examples),
+        "tokens": sum(len(e["input_ids"]) for e in kept),
+        "trained_tokens": sum(sum(label != IGNORE for label in e["labels"]) for e in kept),
+    }
+    if not kept:
+        raise DataError("no row has a token to train on after truncation",
+                        hint="raise train.max_seq_len or check train.loss_on and the data")
+    order = list(range(len(kept)))
+    random.Random(cfg.data.shuffle_seed).shuffle(order)
+    held = set(order[len(order) - cfg.data.eval_rows:]) if cfg.data.eval_rows else set()
+    train = [e for i, e in enumerate(kept) if i not in held]
+    evaluation = [e for i, e in enumerate(kept) if i in held]
+    stats.update(train_rows=len(train), eval_rows=len(evaluation))
+    return train, evaluation, stats
+
+
+def _tokenize_all(conversations: list[list[dict]], tokenizer, cfg: SFTConfig) -> list[dict]:
+    if cfg.data.num_proc and cfg.data.num_proc > 1 and len(conversations) > 1000:
+        import datasets
+
+        ds = datasets.Dataset.from_dict({"messages": conversations})
+        ds = ds.map(lambda row: tokenize_conversation(row["messages"], tokenizer, cfg.train.loss_on, cfg.train.max_seq_len),
+                    num_proc=cfg.data.num_proc, remove_columns=["messages"], desc="tokenizing")
+        return ds.to_list()
+    out = []
+    with progress("tokenizing", len(conversations)) as advance:
+        for messages in conversations:
+            out.append(tokenize_conversation(messages, tokenizer, cfg.train.loss_on, cfg.train.max_seq_len))
+            advance()
+    return out
+
+
+# --- batches --------------------------------------------------------------------------------
+def targets_of(labels: list[int]) -> list[int]:
+    """Next-token targets of one sample: position t predicts labels[t+1]; the last predicts nothing."""
+    return labels[1:] + [IGNORE]
+
+
+def collate(examples: list[dict], *, packing: bool, pad_id: int, attn_implementation: str) -> dict[str, Any]:
+    """Tensors for one micro-batch. Packed: one row [1, T] with block-causal mask or position ids;
+    padded: [B, T] with a 2-D attention mask. `targets` are already shifted, per sample, so a packed
+    row never asks one sample to predict the next sample's first token."""
+    import torch
+
+    if packing:
+        ids, targets, positions, segments = [], [], [], []
+        for k, e in enumerate(examples):
+            n = len(e["input_ids"])
+            ids += e["input_ids"]
+            targets += targets_of(e["labels"])
+            positions += list(range(n))
+            segments += [k] * n
+        batch = {"input_ids": torch.tensor([ids]), "targets": torch.tensor([targets]),
+                 "position_ids": torch.tensor([positions])}  # [1, T]
+        if attn_implementation != "flash_attention_2":
+            seg = torch.tensor(segments)
+            causal = torch.ones(len(ids), len(ids), dtype=torch.bool).tril_()
+            batch["attention_mask"] = (causal & (seg[:, None] == seg[None, :]))[None, None]  # [1, 1, T, T]
+        return batch
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = [e["input_ids"] + [pad_id] * (width - len(e["input_ids"])) for e in examples]
+    targets = [targets_of(e["labels"]) + [IGNORE] * (width - len(e["labels"])) for e in examples]
+    mask = [[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in examples]
+    return {"input_ids": torch.tensor(ids), "targets": torch.tensor(targets), "attention_mask": torch.tensor(mask)}  # [B, T]
+
+
+def token_nll_sum(model, batch: dict[str, Any], device) -> Any:
+    """Sum of next-token negative log-likelihoods over trained positions (fp32 log-softmax)."""
+    import torch
+
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "targets"}
+    logits = model(**inputs, use_cache=False).logits  # [B, T, V]
+    targets = batch["targets"].to(device)
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                                             reduction="sum")
+
+
+def count_targets(examples: list[dict]) -> int:
+    return sum(sum(1 for t in targets_of(e["labels"]) if t != IGNORE) for e in examples)
+
+
+class StepPlan:
+    """Which examples each process uses in each micro-batch of each optimiser step.
+
+    The order is a seeded permutation per epoch, so the position in the data is a pure function of
+    the step number: resuming at step s needs nothing but s. A step's global batch is
+    `micro_batch_size * grad_accum_steps * world` samples; micro-batch j of rank r takes the slice
+    [(j * world + r) * mbs, ...) of it, so a 2-process run with grad_accum_steps k sees the same
+    samples per step as a 1-process run with 2k.
+    """
+
+    def __init__(self, num_examples: int, train: SFTTrain, world: int, seed: int):
+        self.n, self.mbs, self.accum, self.world, self.seed = num_examples, train.micro_batch_size, train.grad_accum_steps, world, seed
+        self.global_batch = self.mbs * self.accum * world
+        if num_examples < self.global_batch:
+            raise ConfigError(
+                f"the training data has {num_examples} rows, fewer than one optimiser step needs ({self.global_batch} = "
+                f"micro_batch_size {self.mbs} x grad_accum_steps {self.accum} x {world} processes)",
+                hint="add data or lower train.micro_batch_size / train.grad_accum_steps",
+            )
+        self.steps_per_epoch = num_examples // self.global_batch
+        self.total_steps = train.max_steps or max(1, int(train.epochs * self.steps_per_epoch))
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            import random
+
+            order = list(range(self.n))
+            random.Random(self.seed * 1000003 + epoch).shuffle(order)
+            self._orders = {epoch: order}
+        return self._orders[epoch]
+
+    def step_indices(self, step: int) -> list[int]:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        start = within * self.global_batch
+        return self._order(epoch)[start:start + self.global_batch]
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        indices = self.step_indices(step)
+        return [indices[(j * self.world + rank) * self.mbs:(j * self.world + rank + 1) * self.mbs] for j in range(self.accum)]
+
+    def epoch_of(self, step: int) -> float:
+        return step / self.steps_per_epoch
+
+
+# --- run ------------------------------------------------------------------------------------
+def run(cfg: SFTConfig, run_dir: RunDir) -> dict[str, Any]:
+    """Train as the recipe says; returns the run summary (also written to summary.json)."""
+    import torch
+
+    from mathctl import models, training
+    from mathctl.core.io import atomic_write_json, atomic_write_text
+
+    # --- setup
+    dist = training.init_distributed(cfg.launch)
+    training.set_seed(cfg.train.seed)
+    tokenizer = models.load_tokenizer(cfg.model)
+    chat_template = tokenizer.chat_template
+    if dist.is_main:
+        atomic_write_text(run_dir.path / "chat_template.jinja", chat_template)
+
+    # --- data
+    train_examples, eval_examples, stats = prepare_examples(cfg, tokenizer)
+    plan = StepPlan(len(train_examples), cfg.train, dist.world, cfg.data.shuffle_seed)
+    if dist.is_main:
+        atomic_write_json(run_dir.path / "data_stats.json", stats)
+    log(f"data: {stats['train_rows']} train rows, {stats['eval_rows']} held out, {stats['truncated']} truncated; "
+        f"{plan.total_steps} steps of {plan.global_batch} samples")
+
+    # --- model
+    attn = models.pick_attn_implementation(cfg.model.attn_implementation, dist.device.type)
+    model = models.load_causal_lm(cfg.model, device_type=dist.device.type)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora.enabled:
+        if cfg.train.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = training.apply_lora(model, cfg.lora)
+    model.to(dist.device)
+    model = training.shard_model(model, cfg.launch, cfg.train, dist)
+    model.train()
+    optimizer = training.build_optimizer(model, cfg.train)
+    scheduler = training.build_scheduler(optimizer, cfg.train, plan.total_steps)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"model: {cfg.model.path} ({attn}), trainable parameters {trainable:,} "
+        f"on {dist.world} process(es), {dist.device.type}, {cfg.train.precision}")
+
+    # --- resume
+    start_step, tokens_seen = 0, 0
+    latest = run_dir.latest_checkpoint()
+    if latest is not None:
+        state = training.load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler, dist=dist)
+        start_step, tokens_seen = state["step"], state.get("tokens_seen", 0)
+        log(f"resumed from {latest.name}: continuing at step {start_step}")
+    if dist.is_main:
+        run_dir.truncate_metrics(start_step)
+
+    def save(step: int) -> None:
+        training.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                 trainer_state={"tokens_seen": tokens_seen, "epoch": plan.epoch_of(step)},
+                                 dist=dist, keep_last=cfg.output.keep_last_checkpoints, hf=cfg.output.save_hf_checkpoints,
+                                 tokenizer=tokenizer, lora=cfg.lora, chat_template=chat_template)
+
+    def evaluate() -> float | None:
+        if not eval_examples:
+            return None
+        model.eval()
+        mine = eval_examples[dist.rank::dist.world]
+        total, count = 0.0, 0
+        with torch.no_grad(), training.autocast(cfg.train, dist, model):
+            for i in range(0, len(mine), cfg.train.micro_batch_size):
+                chunk = mine[i:i + cfg.train.micro_batch_size]
+                batch = collate(chunk, packing=cfg.train.packing, pad_id=tokenizer.pad_token_id, attn_implementation=attn)
+                total += float(token_nll_sum(model, batch, dist.device))
+                count += count_targets(chunk)
+        total, count = dist.all_reduce_sum([total, count])
+        model.train()
+        return total / max(count, 1)
+
+    # --- loop
+    last_loss, last_eval = None, None
+    started = time.perf_counter()
+    window_tokens, window_start = 0, time.perf_counter()
+    with progress("sft", plan.total_steps) as advance:
+        advance(start_step)
+        for step in range(start_step, plan.total_steps):
+            micro = plan.micro_batches(step, dist.rank)
+            # token-mean over the whole step: every rank counts the global batch's targets itself
+            global_targets = count_targets([train_examples[i] for i in plan.step_indices(step)])
+            step_loss = 0.0
+            for indices in micro:
+                examples = [train_examples[i] for i in indices]
+                batch = collate(examples, packing=cfg.train.packing, pad_id=tokenizer.pad_token_id, attn_implementation=attn)
+                with training.autocast(cfg.train, dist, model):
+                    nll = token_nll_sum(model, batch, dist.device)
+                # FSDP/DDP average gradients over ranks; scale by world so the result is the global token mean
+                (nll * dist.world / global_targets).backward()
+                step_loss += float(nll.detach())
+                window_tokens += int(batch["input_ids"].numel() if cfg.train.packing else batch["attention_mask"].sum())
+            grad_norm = training.clip_grad_norm(model, cfg.train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_seen += global_targets
+            done = step + 1
+            (step_loss,) = dist.all_reduce_sum([step_loss])
+            last_loss = step_loss / global_targets
+            record: dict[str, Any] | None = None
+            if done % cfg.train.log_every_steps == 0 or done == plan.total_steps:
+                elapsed = time.perf_counter() - window_start
+                (window_all,) = dist.all_reduce_sum([window_tokens])
+                record = {"step": done, "epoch": round(plan.epoch_of(done), 4), "loss": last_loss,
+                          "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "trained_tokens": tokens_seen,
+                          "tokens_per_s": window_all / max(elapsed, 1e-9), "elapsed_s": time.perf_counter() - started}
+                window_tokens, window_start = 0, time.perf_counter()
+            if cfg.train.eval_every_steps and done % cfg.train.eval_every_steps == 0 and done != plan.total_steps:
+                last_eval = evaluate()
+                record = (record or {"step": done}) | {"eval_loss": last_eval}
+            if done == plan.total_steps:
+                last_eval = evaluate()
+                if last_eval is not None:
+                    record = (record or {"step": done}) | {"eval_loss": last_eval}
+            if record is not None and dist.is_main:
+                run_dir.log_metrics(record)
+            advance(1, loss=f"{last_loss:.4f}")
+            if cfg.output.save_every_steps and done % cfg.output.save_every_steps == 0 and done != plan.total_steps:
+                save(done)
+    train_seconds = time.perf_counter() - started
+
+    # --- final
+    if start_step < plan.total_steps or run_dir.latest_checkpoint() is None:
+        save(plan.total_steps)
+    training.save_hf(model, tokenizer, run_dir.final_dir, dist, lora=cfg.lora, chat_template=chat_template)
+    summary: dict[str, Any] = {
+        "status": "completed", "run_dir": str(run_dir.path), "final_dir": str(run_dir.final_dir),
+        "steps": plan.total_steps, "resumed_from_step": start_step, "train_loss": last_loss, "eval_loss": last_eval,
+        "trained_tokens": tokens_seen, "train_seconds": round(train_seconds, 3), "world_size": dist.world,
+        "data": stats,
+    }
+    if dist.is_main:
+        metrics = run_dir.read_metrics()
+        steps_run = [r for r in metrics if "tokens_per_s" in r and r["step"] > start_step]
+        if steps_run:
+            summary["tokens_per_s"] = sum(r["tokens_per_s"] for r in steps_run) / len(steps_run)
+        if cfg.output.plots:
+            training.plot_curves(metrics, [("loss", "train loss"), ("eval_loss", "held-out loss")],
+                                 run_dir.plots_dir / "loss.png", f"mathctl sft: {run_dir.path.name}")
+            training.plot_curves(metrics, [("lr", "learning rate")], run_dir.plots_dir / "lr.png", "learning rate", "lr")
+        run_dir.finish("completed", summary)
+    training.close_distributed(dist)
+    return summary

@@ -1,0 +1,346 @@
+"""Training plumbing shared by sft, rm and grpo: processes, sharding, optimiser, checkpoints, plots.
+
+Sharding is ours, not accelerate's (ARCHITECTURE.md, Launch): `accelerate launch` starts the
+processes; here each one joins the process group, wraps every decoder layer and then the root with
+FSDP2 `fully_shard`, and saves/loads its shard of weights and optimiser state with
+`torch.distributed.checkpoint` (DCP). One process skips the process group; the checkpoint format is
+the same DCP layout, so a one-process run can be resumed or converted like a sharded one.
+
+Checkpoint folder (`checkpoints/step_NNNNNN/`, renamed into place when complete):
+    dcp/               model + optimiser state (DCP, one file per rank)
+    trainer_state.json step, data position, scheduler state, metrics so far
+    rng/rank_R.pt      torch / python / numpy RNG states per rank (loaded with weights_only=True)
+    hf/                a Hugging Face folder of the weights (when output.save_hf_checkpoints)
+    COMPLETE           marker written last
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mathctl.core.config import LaunchConfig, LoraSpec, TrainBase
+from mathctl.core.console import log
+from mathctl.core.errors import CheckpointError
+from mathctl.core.io import atomic_write_json
+from mathctl.core.rundir import RunDir
+
+
+# --- processes ------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    """Where this process stands: rank, world size, device."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        if not self.distributed:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
+
+
+def init_distributed(launch: LaunchConfig) -> Dist:
+    """Join the process group when started by `accelerate launch`/torchrun; pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = launch.backend if launch.backend != "auto" else ("nccl" if cuda else "gloo")
+        torch.distributed.init_process_group(backend=backend, device_id=device if cuda else None)
+    return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
+
+
+def close_distributed(dist: Dist) -> None:
+    if dist.distributed and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2**32))
+    except ImportError:
+        pass
+
+
+# --- model preparation ----------------------------------------------------------------------
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks to shard one by one (the model's `_no_split_modules` classes)."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    return layers
+
+
+def apply_lora(model: torch.nn.Module, lora: LoraSpec, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, task_type=task_type)
+    return get_peft_model(model, config)
+
+
+def shard_model(model: torch.nn.Module, launch: LaunchConfig, train: TrainBase, dist: Dist) -> torch.nn.Module:
+    """FSDP2 per decoder layer + root (preset fsdp) or DDP (preset ddp); unchanged on one process."""
+    if not dist.distributed:
+        return model
+    if launch.preset == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if train.precision == "bf16" \
+        else MixedPrecisionPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, mp_policy=mp, reshard_after_forward=launch.reshard_after_forward)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=launch.reshard_after_forward)
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def autocast(train: TrainBase, dist: Dist, model: torch.nn.Module):
+    """bf16 autocast on one process (FSDP2 casts parameters itself through its policy)."""
+    sharded = any(type(m).__name__.startswith("FSDP") for m in [model])
+    enabled = train.precision == "bf16" and not sharded
+    return torch.autocast(device_type=dist.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+# --- optimiser and schedule -----------------------------------------------------------------
+def build_optimizer(model: torch.nn.Module, train: TrainBase) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=tuple(train.betas), eps=train.eps)
+
+
+def lr_factor(step: int, total: int, train: TrainBase) -> float:
+    """Multiplier of the peak lr at optimiser step `step` (0-based) of `total`."""
+    warmup = train.warmup_steps or int(train.warmup_ratio * total)
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if train.lr_schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    floor = train.min_lr_ratio
+    if train.lr_schedule == "linear":
+        return floor + (1 - floor) * (1 - progress)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainBase, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, train))
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float | None) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+# --- state dicts and Hugging Face folders ---------------------------------------------------
+def full_model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded CPU weights (gathered from every rank; complete on rank 0 only)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(unwrap(model), options=options)
+
+
+def save_hf(model: torch.nn.Module, tokenizer: Any, out_dir: Path, dist: Dist, *, lora: LoraSpec | None = None,
+            chat_template: str | None = None) -> None:
+    """Write `out_dir` as a Hugging Face folder on rank 0 (every rank must call: gathering is collective).
+
+    With LoRA the folder holds the merged model and `adapter/` the adapter alone.
+    """
+    state = full_model_state_dict(model)
+    if not dist.is_main:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inner = unwrap(model)
+    if lora is not None and lora.enabled:
+        _save_merged_lora(inner, state, out_dir)
+    else:
+        inner.save_pretrained(out_dir, state_dict=state)
+    if tokenizer is not None:
+        if chat_template:
+            tokenizer.chat_template = chat_template
+        tokenizer.save_pretrained(out_dir)
+
+
+def _save_merged_lora(peft_model: torch.nn.Module, state: dict[str, torch.Tensor], out_dir: Path) -> None:
+    """Rebuild base + adapter on CPU from the gathered state, save the adapter, merge, save the model."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base_config = peft_model.base_model.model.config
+    peft_config = peft_model.peft_config["default"]
+    with torch.device("cpu"):
+        base = AutoModelForCausalLM.from_config(base_config, dtype=torch.float32)
+    clone = get_peft_model(base, peft_config)
+    missing, unexpected = clone.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if "lora_" in k]:
+        raise CheckpointError(f"LoRA state does not match its model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    clone.save_pretrained(out_dir / "adapter")
+    merged = clone.merge_and_unload()
+    merged.save_pretrained(out_dir)
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(_listify(random.getstate()))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached]
+    except ImportError:
+        pass
+    return state
+
+
+def _listify(obj: Any) -> Any:
+    return [_listify(x) for x in obj] if isinstance(obj, (tuple, list)) else obj
+
+
+def _tupleify(obj: Any) -> Any:
+    return tuple(_tupleify(x) for x in obj) if isinstance(obj, list) else obj
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tupleify(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+
+
+def save_checkpoint(run_dir: RunDir, step: int, *, model, optimizer, scheduler, trainer_state: dict[str, Any],
+                    dist: Dist, keep_last: int | None, hf: bool, tokenizer=None, lora: LoraSpec | None = None,
+                    chat_template: str | None = None) -> Path:
+    """Write checkpoint `step` atomically (every rank calls; rank 0 renames it into place)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    tmp = run_dir.checkpoints_dir / f".tmp_step_{step:06d}"
+    if dist.is_main:
+        tmp = run_dir.begin_checkpoint(step)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(unwrap(model), optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{dist.rank}.pt")
+    if hf:
+        save_hf(model, tokenizer, tmp / "hf", dist, lora=lora, chat_template=chat_template)
+    dist.barrier()
+    final = tmp
+    if dist.is_main:
+        state = dict(trainer_state, step=step, scheduler=scheduler.state_dict(), world_size=dist.world)
+        atomic_write_json(tmp / "trainer_state.json", state)
+        final = run_dir.commit_checkpoint(tmp, step, keep_last)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, dist: Dist) -> dict[str, Any]:
+    """Restore weights, optimiser, scheduler and this rank's RNG from a complete checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    state = json.loads((path / "trainer_state.json").read_text())
+    if state.get("world_size", 1) != dist.world:
+        log(f"resuming a {state.get('world_size')}-process checkpoint on {dist.world} processes "
+            "(DCP reshards the weights; RNG states come from matching ranks where they exist)")
+    model_sd, optim_sd = get_state_dict(unwrap(model), optimizer)
+    target = {"model": model_sd, "optim": optim_sd}
+    try:
+        dcp.load(target, checkpoint_id=str(path / "dcp"))
+    except Exception as exc:  # DCP raises a CheckpointException wrapping per-rank errors
+        raise CheckpointError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}",
+                              hint="the checkpoint does not match this model or recipe; resume with the recipe that wrote it") from None
+    set_state_dict(unwrap(model), optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng_file = path / "rng" / f"rank_{dist.rank}.pt"
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    return state
+
+
+# --- plots ----------------------------------------------------------------------------------
+def plot_curves(records: list[dict[str, Any]], series: list[tuple[str, str]], out_path: Path, title: str,
+                ylabel: str = "loss") -> Path | None:
+    """Line plot of `series` [(metric key, label)] against `step`; skips metrics never logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn = False
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for key, label in series:
+        points = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3, label=label)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,59 @@
+"""Worker entry started by `accelerate launch`: `python -m mathctl.worker RUN_DIR/recipe.yaml`.
+
+It takes nothing but the resolved recipe; the step is named inside it (`step: sft`).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from mathctl.core.errors import MathctlError
+
+STEPS = {"sft": ("mathctl.sft", "SFTConfig")}
+
+
+def step_module(step: str):
+    import importlib
+
+    module_name, config_name = STEPS[step]
+    module = importlib.import_module(module_name)
+    return module, getattr(module, config_name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import yaml
+
+    from mathctl.core.config import validate
+    from mathctl.core.console import console, is_rank_zero
+    from mathctl.core.rundir import RunDir
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m mathctl.worker RUN_DIR/recipe.yaml", file=sys.stderr)
+        return 2
+    recipe_path = Path(args[0])
+    run_dir = RunDir(recipe_path.parent)
+    try:
+        data = yaml.safe_load(recipe_path.read_text())
+        module, config_cls = step_module(data.get("step", "sft"))
+        cfg = validate(config_cls, data, source=str(recipe_path))
+        module.run(cfg, run_dir)
+    except MathctlError as exc:
+        if is_rank_zero():
+            from rich.text import Text
+
+            console.print(Text("error: ", style="red") + Text(exc.message))
+            if exc.hint:
+                console.print(Text(f"hint: {exc.hint}"))
+            run_dir.update_meta(status="failed", error=exc.message)
+        return exc.exit_code
+    except BaseException:
+        if is_rank_zero() and run_dir.meta_path.exists():
+            run_dir.update_meta(status="failed")
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
