@@ -112,6 +112,12 @@ def run_step(step: str, *, recipe: str | None, overrides: list[str] | None, alia
 
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = Path(cfg.output.root) / step / (cfg.output.name or f"{name}-{stamp}")
+    model_spec = getattr(cfg, "model", None)
+    if model_spec is not None and not slurm:
+        from mathctl.models import resolve_model_path
+
+        _quiet_libraries()
+        resolve_model_path(model_spec.path)  # a missing folder fails here, before a run folder exists
     run = RunDir.create(run_dir, recipe_yaml=resolved, step=step, resume=resume, seeds=cfg.seeds())
     log(f"run folder: {run.path}")
     if slurm:
@@ -134,10 +140,6 @@ def run_step(step: str, *, recipe: str | None, overrides: list[str] | None, alia
         _emit(summary, as_json)
         return
     _quiet_libraries()
-    if cfg.model.path.startswith("tiny:"):
-        from mathctl.models import resolve_model_path
-
-        resolve_model_path(cfg.model.path)  # build once here, not in every worker
     if launching.needs_launcher(cfg.launch):
         code = launching.launch_local(cfg.launch, run.recipe_path)
         meta = run.read_meta()

@@ -295,7 +295,10 @@ def collate(examples: list[dict], *, packing: bool, pad_id: int, attn_implementa
         if attn_implementation != "flash_attention_2":
             seg = torch.tensor(segments)
             causal = torch.ones(len(ids), len(ids), dtype=torch.bool).tril_()
-            batch["attention_mask"] = (causal & (seg[:, None] == seg[None, :]))[None, None]  # [1, 1, T, T]
+            allowed = (causal & (seg[:, None] == seg[None, :]))[None, None]  # [1, 1, T, T]
+            if attn_implementation == "eager":  # eager adds the mask to the scores: it must be additive
+                allowed = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+            batch["attention_mask"] = allowed
         return batch
     width = max(len(e["input_ids"]) for e in examples)
     ids = [e["input_ids"] + [pad_id] * (width - len(e["input_ids"])) for e in examples]

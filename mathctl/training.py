@@ -147,7 +147,7 @@ def build_optimizer(model: torch.nn.Module, train: TrainBase) -> torch.optim.Opt
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            (decay if param.ndim >= 2 or train.decay_norms_and_biases else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=tuple(train.betas), eps=train.eps)
 

@@ -310,7 +310,8 @@ class TrainBase(Strict):
     """Optimiser, schedule and precision settings every training step shares."""
 
     lr: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay, applied to matrices only (not norms or biases).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (matrices only unless decay_norms_and_biases).")
+    decay_norms_and_biases: bool = Field(False, description="Also decay 1-D parameters (norm weights, biases), as OLMo/Instella do.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     max_grad_norm: float | None = Field(1.0, description="Clip the global gradient norm to this; null disables clipping.")

@@ -1,0 +1,56 @@
+"""Shared fixtures. Tests never touch the network: hub access is switched off before any import."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["MATHCTL_NO_PROGRESS"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """tiny:PRESET models are built once per test session into a private cache."""
+    path = tmp_path_factory.mktemp("mathctl-cache")
+    os.environ["MATHCTL_CACHE_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random-initialised Qwen2-architecture model with a locally trained tokenizer (HF folder)."""
+    from mathctl.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2-tiny", "qwen2-tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600):
+    """Run `python -m mathctl ARGS` in a fresh process; returns CompletedProcess (text)."""
+    import subprocess
+
+    env = dict(os.environ)
+    return subprocess.run([sys.executable, "-m", "mathctl", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    """`cli(*args)` runs the real console entry in a subprocess."""
+    return run_cli

@@ -1,0 +1,186 @@
+"""Loss masks, padding-free packing, schedules, step plans and launch scripts (no training runs)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+
+from mathctl.core.config import LaunchConfig, ModelSpec, SlurmConfig, TrainBase
+from mathctl.core.errors import ConfigError, DataError
+from mathctl.core.launch import render_slurm
+from mathctl.models import CHAT_TEMPLATES, resolve_chat_template
+from mathctl.sft import IGNORE, SFTTrain, StepPlan, collate, count_targets, token_nll_sum, tokenize_conversation
+from mathctl.training import lr_factor
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Ava has 3 apples and buys 4 more. How many?"},
+    {"role": "assistant", "content": "3 + 4 = 7. The answer is \\boxed{7}."},
+    {"role": "user", "content": "And if she then eats 2?"},
+    {"role": "assistant", "content": "7 - 2 = 5. The answer is \\boxed{5}."},
+]
+
+
+def _trained_text(tokenizer, example) -> str:
+    ids = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE]
+    return tokenizer.decode(ids)
+
+
+def test_assistant_only_mask_covers_exactly_the_assistant_turns(tokenizer):
+    tokenizer.chat_template = CHAT_TEMPLATES["chatml"]
+    example = tokenize_conversation(CONVERSATION, tokenizer, "assistant", 4096)
+    trained = _trained_text(tokenizer, example)
+    assert trained == ("3 + 4 = 7. The answer is \\boxed{7}.<|im_end|>\n"
+                       "7 - 2 = 5. The answer is \\boxed{5}.<|im_end|>\n")
+    assert "Ava" not in trained and "assistant" not in trained
+
+
+def test_completion_mask_adds_the_assistant_header(tokenizer):
+    tokenizer.chat_template = CHAT_TEMPLATES["chatml"]
+    example = tokenize_conversation(CONVERSATION, tokenizer, "completion", 4096)
+    trained = _trained_text(tokenizer, example)
+    assert trained.startswith("<|im_start|>assistant\n3 + 4 = 7.")
+    assert trained.count("<|im_start|>assistant\n") == 2
+    assert "Ava" not in trained
+
+
+def test_all_mask_trains_every_token(tokenizer):
+    tokenizer.chat_template = CHAT_TEMPLATES["chatml"]
+    example = tokenize_conversation(CONVERSATION, tokenizer, "all", 4096)
+    assert IGNORE not in example["labels"]
+
+
+@pytest.mark.parametrize("template", ["tulu", "rstar", "plain", "llama3"])
+def test_other_templates_train_the_answer_and_end_token(tokenizer, template):
+    tokenizer.chat_template = CHAT_TEMPLATES[template]
+    example = tokenize_conversation(CONVERSATION[1:3], tokenizer, "assistant", 4096)
+    trained = _trained_text(tokenizer, example)
+    assert "\\boxed{7}" in trained and "Ava" not in trained
+    if template != "llama3":
+        assert tokenizer.eos_token in trained
+
+
+def test_truncation_is_reported(tokenizer):
+    tokenizer.chat_template = CHAT_TEMPLATES["chatml"]
+    example = tokenize_conversation(CONVERSATION, tokenizer, "assistant", 16)
+    assert example["truncated"] and len(example["input_ids"]) == 16 and example["length"] > 16
+
+
+def test_template_that_is_not_prefix_stable_is_refused(tokenizer):
+    # a template that renders turns in reverse order cannot give prefix spans
+    tokenizer.chat_template = "{% for m in messages|reverse %}{{ m['content'] }}|{% endfor %}"
+    with pytest.raises(DataError, match="prefix"):
+        tokenize_conversation(CONVERSATION[1:3], tokenizer, "assistant", 4096)
+
+
+def test_tokenizer_without_template_needs_an_explicit_choice(tokenizer):
+    saved = tokenizer.chat_template
+    tokenizer.chat_template = None
+    try:
+        with pytest.raises(ConfigError, match="no chat template"):
+            resolve_chat_template(ModelSpec(path="x/y", chat_template="tokenizer"), tokenizer)
+        assert resolve_chat_template(ModelSpec(path="x/y", chat_template="chatml"), tokenizer) == CHAT_TEMPLATES["chatml"]
+    finally:
+        tokenizer.chat_template = saved
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_equals_padded_loss(tiny_model, tokenizer, attn):
+    """Padding-free packing with a block-causal mask gives the padded loss (fp32, within 1e-5),
+    and the same gradients."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer.chat_template = CHAT_TEMPLATES["chatml"]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attn, dtype=torch.float32)
+    with torch.no_grad():  # a fresh init attends almost uniformly; sharper weights make context matter
+        for param in model.parameters():
+            if param.ndim == 2:
+                param.normal_(0, 0.3)
+    convs = [[{"role": "user", "content": f"Sam has {n} coins. How many?" + " More words." * n},
+              {"role": "assistant", "content": f"Sam has {n} coins. The answer is \\boxed{{{n}}}."}] for n in (1, 7, 3, 12)]
+    examples = [tokenize_conversation(c, tokenizer, "assistant", 512) for c in convs]
+    assert len({len(e["input_ids"]) for e in examples}) > 1  # different lengths: padding matters
+    losses, grads = [], []
+    for packing in (False, True):
+        model.zero_grad()
+        batch = collate(examples, packing=packing, pad_id=tokenizer.pad_token_id, attn_implementation=attn)
+        loss = token_nll_sum(model, batch, torch.device("cpu")) / count_targets(examples)
+        loss.backward()
+        losses.append(float(loss))
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert abs(losses[0] - losses[1]) <= 1e-5
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+    # a packed row with neither the block mask nor per-sample positions leaks context across samples,
+    # so the equality above is not vacuous
+    batch = collate(examples, packing=True, pad_id=tokenizer.pad_token_id, attn_implementation=attn)
+    leaky_batch = {"input_ids": batch["input_ids"], "targets": batch["targets"]}
+    leaky = float(token_nll_sum(model, leaky_batch, torch.device("cpu"))) / count_targets(examples)
+    assert abs(leaky - losses[0]) > 1e-3
+    # the varlen form (position ids only, what flash-attn gets) is isolated too: transformers 5 detects
+    # packed rows from position ids when no KV cache is used (token_nll_sum passes use_cache=False)
+    varlen = collate(examples, packing=True, pad_id=tokenizer.pad_token_id, attn_implementation="flash_attention_2")
+    assert "attention_mask" not in varlen
+    assert abs(float(token_nll_sum(model, varlen, torch.device("cpu"))) / count_targets(examples) - losses[0]) <= 1e-5
+
+
+def test_lr_schedules():
+    cosine = TrainBase(lr=1.0, lr_schedule="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, 110, cosine) == pytest.approx(0.1)
+    assert lr_factor(9, 110, cosine) == pytest.approx(1.0)
+    assert lr_factor(60, 110, cosine) == pytest.approx(0.55)
+    assert lr_factor(110, 110, cosine) == pytest.approx(0.1)
+    linear = TrainBase(lr=1.0, lr_schedule="linear", warmup_ratio=0.1)
+    assert lr_factor(55, 100, linear) == pytest.approx(0.5)
+    assert lr_factor(100, 100, linear) == pytest.approx(0.0)
+    constant = TrainBase(lr=1.0, lr_schedule="constant")
+    assert lr_factor(50, 100, constant) == 1.0
+
+
+def test_step_plan_splits_the_global_batch_the_same_for_any_world_size():
+    one = StepPlan(100, SFTTrain(micro_batch_size=2, grad_accum_steps=4), world=1, seed=5)
+    two = [StepPlan(100, SFTTrain(micro_batch_size=2, grad_accum_steps=2), world=2, seed=5) for _ in range(2)]
+    for step in (0, 11, 12, 30):  # 12 steps per epoch: 12 and 30 are in later epochs
+        single = sorted(i for mb in one.micro_batches(step, 0) for i in mb)
+        split = sorted(i for r in range(2) for mb in two[r].micro_batches(step, r) for i in mb)
+        assert single == split and len(single) == 8
+    epoch0 = {i for s in range(12) for i in one.step_indices(s)}
+    assert len(epoch0) == 96  # no sample twice within an epoch
+    assert one.step_indices(0) != one.step_indices(12)  # a new order each epoch
+
+
+def test_step_plan_refuses_too_little_data():
+    with pytest.raises(ConfigError, match="fewer than one optimiser step"):
+        StepPlan(3, SFTTrain(micro_batch_size=4), world=1, seed=0)
+
+
+def test_slurm_script_is_valid_bash_with_per_node_rank(tmp_path):
+    launch = LaunchConfig(num_processes=16, num_machines=2, slurm=SlurmConfig(partition="gpu", setup=["source .venv/bin/activate"]))
+    script = render_slurm("sft", launch, tmp_path)
+    path = tmp_path / "launch.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --gpus-per-node=8" in script
+    assert "#SBATCH --partition=gpu" in script
+    assert "--num_processes 16" in script and "--num_machines 2" in script
+    assert "--machine_rank $SLURM_NODEID" in script  # expands on each node
+    assert "--main_process_ip ${MAIN_IP}" in script and "export MAIN_IP=$(scontrol show hostnames" in script
+    assert f"-m mathctl.worker {tmp_path.resolve()}/recipe.yaml" in script
+    # the per-node command is single-quoted, so $SLURM_NODEID is not expanded by sbatch's shell
+    assert "bash -c '" in script
+
+
+def test_slurm_node_command_expands_rank_per_node(tmp_path):
+    import sys
+
+    script = render_slurm("sft", LaunchConfig(num_processes=4, num_machines=2), tmp_path)
+    node_line = next(line for line in script.splitlines() if line.startswith("srun"))
+    inner = node_line.split("bash -c ", 1)[1].replace(sys.executable, "echo", 1)
+    # what node 1 of the allocation would run, with `echo` standing in for python
+    out = subprocess.run(["bash", "-c", f"export SLURM_NODEID=1 MAIN_IP=10.0.0.1 MAIN_PORT=29511; bash -c {inner}"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "--machine_rank 1 " in out
+    assert "--main_process_ip 10.0.0.1 --main_process_port 29511" in out
+    assert "--num_processes 4 --num_machines 2" in out
