@@ -54,3 +54,13 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600):
 def cli():
     """`cli(*args)` runs the real console entry in a subprocess."""
     return run_cli
+
+
+def quick_overrides(model: Path, *extra: str) -> list[str]:
+    """CLI arguments that make quickstart-sft a seconds-long run on the test model."""
+    return [
+        "--recipe", "quickstart-sft", f"model.path={model}", "data.synthetic.num_problems=96", "data.eval_rows=16",
+        "train.max_steps=6", "train.micro_batch_size=4", "train.max_seq_len=160", "train.lr=1e-2",
+        "train.warmup_steps=0", "train.log_every_steps=1", "train.eval_every_steps=3", "output.save_every_steps=3",
+        *extra,
+    ]
