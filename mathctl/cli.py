@@ -141,7 +141,8 @@ def run_step(step: str, *, recipe: str | None, overrides: list[str] | None, alia
         return
     _quiet_libraries()
     if launching.needs_launcher(cfg.launch):
-        code = launching.launch_local(cfg.launch, run.recipe_path)
+        code = launching.launch_local(cfg.launch, run.recipe_path,
+                                      user_error=lambda: bool(run.read_meta().get("error")))
         meta = run.read_meta()
         if code != 0:
             if meta.get("status") == "running":
@@ -245,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = sys.argv[1:] if argv is None else list(argv)
     try:
-        app(args=args, prog_name="mathctl", standalone_mode=False)
-        return EXIT_OK
+        code = app(args=args, prog_name="mathctl", standalone_mode=False)
+        return code if isinstance(code, int) else EXIT_OK  # click returns Exit codes in this mode
     except MathctlError as exc:
         if os.environ.get("MATHCTL_DEBUG") == "1":
             console.print_exception(show_locals=False)

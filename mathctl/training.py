@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def autocast(train: TrainBase, dist: Dist, model: torch.nn.Module):
     """bf16 autocast on one process (FSDP2 casts parameters itself through its policy)."""
-    sharded = any(type(m).__name__.startswith("FSDP") for m in [model])
+    sharded = type(model).__name__.startswith("FSDP")  # fully_shard renames the class FSDP<Name>
     enabled = train.precision == "bf16" and not sharded
     return torch.autocast(device_type=dist.device.type, dtype=torch.bfloat16, enabled=enabled)
 
@@ -275,7 +276,9 @@ def save_checkpoint(run_dir: RunDir, step: int, *, model, optimizer, scheduler, 
         tmp = run_dir.begin_checkpoint(step)
     dist.barrier()
     model_sd, optim_sd = get_state_dict(unwrap(model), optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+    with warnings.catch_warnings():  # one process saves without a process group, as intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{dist.rank}.pt")
     if hf:
@@ -302,7 +305,9 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, dist: Dist) -> d
     model_sd, optim_sd = get_state_dict(unwrap(model), optimizer)
     target = {"model": model_sd, "optim": optim_sd}
     try:
-        dcp.load(target, checkpoint_id=str(path / "dcp"))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(target, checkpoint_id=str(path / "dcp"))
     except Exception as exc:  # DCP raises a CheckpointException wrapping per-rank errors
         raise CheckpointError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}",
                               hint="the checkpoint does not match this model or recipe; resume with the recipe that wrote it") from None

@@ -9,10 +9,12 @@ does the same on every node of an allocation.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from mathctl.core.config import LaunchConfig
@@ -44,8 +46,18 @@ def accelerate_args(launch: LaunchConfig, *, machine_rank: str, main_ip: str, ma
     ]
 
 
-def launch_local(launch: LaunchConfig, recipe_path: Path) -> int:
-    """Start all processes on this machine and wait; returns their exit code."""
+# The launcher (torch elastic under accelerate) reports a failed worker with log lines like this one,
+# then its own traceback; that report is noise when the worker already printed a user error.
+_LAUNCHER_FAILURE = re.compile(r"torch/distributed/elastic/.*(failed \(exitcode|closing signal)")
+
+
+def launch_local(launch: LaunchConfig, recipe_path: Path, user_error: Callable[[], bool] = lambda: False) -> int:
+    """Start all processes on this machine and wait; returns their exit code.
+
+    Worker output is forwarded to stderr as it comes. Once the launcher starts reporting a failed
+    worker, its lines are held back and shown only if the failure was not a user error (for which
+    the worker printed the one `error:` line already).
+    """
     if launch.num_machines > 1:
         raise ConfigError(
             f"launch.num_machines={launch.num_machines} needs one launcher per machine",
@@ -57,7 +69,19 @@ def launch_local(launch: LaunchConfig, recipe_path: Path) -> int:
     cmd = [sys.executable, "-m", "accelerate.commands.launch",
            *accelerate_args(launch, machine_rank="0", main_ip="127.0.0.1", main_port=str(free_port())),
            "-m", "mathctl.worker", str(recipe_path)]
-    return subprocess.call(cmd, env=env)
+    process = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
+    held: list[str] = []
+    assert process.stderr is not None
+    for line in process.stderr:
+        if held or _LAUNCHER_FAILURE.search(line):
+            held.append(line)
+        else:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+    code = process.wait()
+    if held and not (code != 0 and user_error()):
+        sys.stderr.writelines(held)
+    return code
 
 
 def render_slurm(step: str, launch: LaunchConfig, run_dir: Path) -> str:

@@ -11,10 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
-
 from conftest import quick_overrides
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -93,3 +91,16 @@ def test_two_fsdp_processes_match_one_process(cli, tiny_model, tmp_path):
     assert json.loads(r3.stdout)["resumed_from_step"] == 3
     c = load_file(two / "final" / "model.safetensors")
     assert max(float((b[k] - c[k]).abs().max()) for k in b) <= 1e-6
+
+
+def test_user_error_inside_two_workers_is_one_line(cli, tiny_model, tmp_path):
+    """A malformed data line found by the workers still gives exit 2 and one `error:` line: the
+    launcher's own failure report (a traceback) is held back."""
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"problem": "1+1", "solution": "2"}\n{"problem": \n')
+    result = cli("sft", *quick_overrides(tiny_model, f"data.source={data}", "launch.num_processes=2"),
+                 "--run-dir", str(tmp_path / "r"))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "line 2" in errors[0]

@@ -6,13 +6,12 @@ import json
 import subprocess
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
+from conftest import quick_overrides as quick
 from safetensors.torch import load_file
 
 from mathctl.cli import main
-from conftest import quick_overrides as quick
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:

@@ -11,7 +11,15 @@ from mathctl.core.config import LaunchConfig, ModelSpec, SlurmConfig, TrainBase
 from mathctl.core.errors import ConfigError, DataError
 from mathctl.core.launch import render_slurm
 from mathctl.models import CHAT_TEMPLATES, resolve_chat_template
-from mathctl.sft import IGNORE, SFTTrain, StepPlan, collate, count_targets, token_nll_sum, tokenize_conversation
+from mathctl.sft import (
+    IGNORE,
+    SFTTrain,
+    StepPlan,
+    collate,
+    count_targets,
+    token_nll_sum,
+    tokenize_conversation,
+)
 from mathctl.training import lr_factor
 
 CONVERSATION = [
