@@ -17,15 +17,15 @@ What is kept the same
     trained tokens (assistant content + end-of-turn: mathctl `loss_on=assistant`, TRL
     prompt/completion conversational data with `completion_only_loss=True`), the samples of every
     optimiser step *and their order* (TRL gets the data in mathctl's StepPlan order and a
-    sequential sampler), micro-batch size, max_seq_len, steps, AdamW (`torch.optim.AdamW`, TRL
-    `optim="adamw_torch"`; TRL's own default would be the fused variant), lr, warmup + cosine
+    sequential sampler), micro-batch size, max_seq_len, steps, AdamW (both fused: mathctl's
+    default, and TRL's default `optim="adamw_torch_fused"`), lr, warmup + cosine
     schedule to 0.1 x lr, weight decay 0, grad clipping at 1.0, precision (fp32, or bf16 autocast
     over fp32 weights with `--precision bf16`), no gradient checkpointing (TRL's SFTConfig turns it
     on by default; it is switched off here as mathctl does not use it), one process.
     Each side runs in its own fresh subprocess, one after the other.
 
-    Layout is each side's default: mathctl packs a micro-batch padding-free into one row
-    (block-causal mask on sdpa/eager, position ids on flash-attn); TRL pads to the longest sample of
+    Layout is each side's default: mathctl packs a micro-batch padding-free into one row (sdpa per
+    sample through its `mathctl_varlen` attention, or flash-attn varlen); TRL pads to the longest sample of
     the micro-batch (`packing=False`, `padding_free=False`, its defaults). TRL runs with
     `report_to="none"`, `logging_strategy="no"`, `save_strategy="no"`, `eval_strategy="no"`,
     `disable_tqdm=True`; mathctl with no eval rows, no intermediate checkpoints, one metrics line.
@@ -33,6 +33,8 @@ What is kept the same
 Run
     python bench/sft_throughput.py                    # CPU, tiny:qwen2-small, 40 steps
     python bench/sft_throughput.py --json             # one JSON line instead of the table
+    python bench/sft_throughput.py --repeats 3        # alternate the sides 3 times (default 2), keep each side's best
+    python bench/sft_throughput.py --set train.packing=false   # mathctl with padded micro-batches instead
     python bench/sft_throughput.py --device cuda --preset qwen2.5-0.5b --precision bf16   # GPU, with MFU
 
 Needs TRL (`pip install trl`, listed in the project's optional extra `bench`).
@@ -50,8 +52,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESULT_MARK = "SFT_THROUGHPUT_RESULT "
-
 
 # --- options ----------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,6 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="peak dense TFLOP/s of the device for MFU (default 989: H100 SXM bf16); used on cuda")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's)")
     p.add_argument("--only", choices=["mathctl", "trl"], default=None, help="run one side only (no ratio)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="runs per side, alternating mathctl/TRL; each side's best run is reported (default 2)")
+    p.add_argument("--trl-padding-free", action="store_true",
+                   help="TRL padding_free=True (needs flash-attn on GPU); default: TRL's default, pad to the longest")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra mathctl recipe override, mathctl side only (e.g. train.packing=false); repeatable")
     p.add_argument("--json", action="store_true", help="print one JSON line with both figures and the ratio")
     p.add_argument("--verbose", action="store_true", help="show the output of the two training runs")
     p.add_argument("--_side", choices=["mathctl", "trl"], help=argparse.SUPPRESS)
@@ -75,13 +81,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps <= args.warmup_steps:
         p.error(f"--steps ({args.steps}) must exceed --warmup-steps ({args.warmup_steps})")
-    if args.warmup_steps < 0 or args.micro_batch_size < 1 or args.max_seq_len < 8:
-        p.error("--warmup-steps >= 0, --micro-batch-size >= 1 and --max-seq-len >= 8 are required")
+    if args.warmup_steps < 0 or args.micro_batch_size < 1 or args.max_seq_len < 8 or args.repeats < 1:
+        p.error("--warmup-steps >= 0, --micro-batch-size >= 1, --max-seq-len >= 8 and --repeats >= 1 are required")
     return args
 
 
 # --- shared set-up (runs inside each side's subprocess) ---------------------------------------
-def build_config(args: argparse.Namespace):
+def build_config(args: argparse.Namespace, extra: list[str] | None = None):
     """The quickstart-sft recipe with the benchmark's sizes; no eval, no checkpoints, minimal logging."""
     from mathctl.core.config import load_recipe
     from mathctl.sft import SFTConfig
@@ -108,7 +114,7 @@ def build_config(args: argparse.Namespace):
     ]
     if args.lr is not None:
         overrides.append(f"train.lr={args.lr}")
-    cfg, _ = load_recipe("sft", SFTConfig, "quickstart-sft", overrides)
+    cfg, _ = load_recipe("sft", SFTConfig, "quickstart-sft", overrides + list(extra or []))
     return cfg
 
 
@@ -148,11 +154,15 @@ class StepClock:
             start = self.first_batch_time
         seconds = self.step_ends[-1] - start
         timed = sum(tokens[warmup:])
+        steps_s = [b - a for a, b in zip([start] + self.step_ends[warmup:-1], self.step_ends[warmup:])]
+        per_step = sorted(n / s for n, s in zip(tokens[warmup:], steps_s))
         return {
             "seconds": seconds, "tokens": timed, "tokens_per_s": timed / seconds,
             "padded_tokens": sum(self.batch_padded[warmup:steps]),
             "step_tokens": tokens,
-            "step_seconds": [b - a for a, b in zip(self.step_ends, self.step_ends[1:])],
+            "timed_step_seconds": steps_s,
+            # median over the timed steps of tokens/s of each step: less sensitive to a noisy machine
+            "median_step_tokens_per_s": per_step[len(per_step) // 2],
             "params": self.params,
         }
 
@@ -178,7 +188,7 @@ def side_mathctl(args: argparse.Namespace) -> dict[str, Any]:
     from mathctl.core.config import dump_yaml
     from mathctl.core.rundir import RunDir
 
-    cfg = build_config(args)
+    cfg = build_config(args, args.overrides)
     clock = StepClock(cuda=args.device == "cuda")
 
     # Observe, do not change: wrap the optimiser factory (post-step hook) and the collator (token counts).
@@ -242,12 +252,12 @@ def side_trl(args: argparse.Namespace) -> dict[str, Any]:
             output_dir=tmp, seed=t.seed,
             per_device_train_batch_size=t.micro_batch_size, gradient_accumulation_steps=1, max_steps=t.max_steps,
             learning_rate=t.lr, weight_decay=t.weight_decay, adam_beta1=t.betas[0], adam_beta2=t.betas[1],
-            adam_epsilon=t.eps, max_grad_norm=t.max_grad_norm or 0.0, optim="adamw_torch",
+            adam_epsilon=t.eps, max_grad_norm=t.max_grad_norm or 0.0, optim="adamw_torch_fused",
             lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio},
             warmup_steps=t.warmup_steps,
             bf16=args.precision == "bf16", fp16=False, gradient_checkpointing=False,
             use_cpu=args.device == "cpu", dataloader_num_workers=0, dataloader_pin_memory=args.device == "cuda",
-            max_length=t.max_seq_len, packing=False, padding_free=False, completion_only_loss=True,
+            max_length=t.max_seq_len, packing=False, padding_free=args.trl_padding_free, completion_only_loss=True,
             train_sampling_strategy="sequential", shuffle_dataset=False,
             report_to="none", logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
         )
@@ -276,11 +286,13 @@ def side_trl(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --- driver -----------------------------------------------------------------------------------
-def run_side(side: str, argv: list[str], verbose: bool) -> dict[str, Any]:
+def run_side(side: str, argv: list[str], device: str, verbose: bool) -> dict[str, Any]:
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("MATHCTL_NO_PROGRESS", "1")
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # mathctl trains on CUDA whenever torch sees a GPU
     with tempfile.NamedTemporaryFile(prefix=f"bench-{side}-", suffix=".json", delete=False) as f:
         result_path = f.name
     try:
@@ -307,7 +319,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             import trl  # noqa: F401
         except ImportError:
-            sys.exit("TRL is not installed: `pip install trl` (or `pip install -e .[bench]`) to run this benchmark")
+            sys.exit("TRL is not installed: run `pip install trl` (it is in the project's optional extra `bench`: "
+                     "`pip install -e .[bench]`) to use this benchmark")
     if args.device == "cuda":
         import torch
 
@@ -317,53 +330,68 @@ def main(argv: list[str] | None = None) -> None:
 
     model_dir = models.resolve_model_path(f"tiny:{args.preset}")  # build the tiny model once, outside the timing
     child_argv = [a for a in argv if a not in ("--json", "--verbose")]
-    results: dict[str, dict[str, Any]] = {}
-    for side in ("mathctl", "trl"):
-        if args.only in (None, side):
-            results[side] = run_side(side, child_argv, args.verbose)
+    sides = [s for s in ("mathctl", "trl") if args.only in (None, s)]
+    load_before = os.getloadavg()[0]
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
+    for _ in range(args.repeats):
+        for side in sides:
+            runs[side].append(run_side(side, child_argv, args.device, args.verbose))
+    results = {side: max(rs, key=lambda r: r["tokens_per_s"]) for side, rs in runs.items()}
 
     report: dict[str, Any] = {
         "preset": args.preset, "model_dir": model_dir, "device": args.device, "precision": args.precision,
         "steps": args.steps, "warmup_steps": args.warmup_steps, "micro_batch_size": args.micro_batch_size,
-        "max_seq_len": args.max_seq_len,
+        "max_seq_len": args.max_seq_len, "repeats": args.repeats, "mathctl_overrides": args.overrides,
+        "cpu_count": os.cpu_count(), "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     for side, r in results.items():
         report[f"{side}_tokens_per_s"] = r["tokens_per_s"]
-        report[side] = {k: r[k] for k in ("tokens_per_s", "tokens", "seconds", "padded_tokens", "attn_implementation")}
-        report[side]["median_step_s"] = sorted(r["step_seconds"][args.warmup_steps:])[len(r["step_seconds"][args.warmup_steps:]) // 2] \
-            if r["step_seconds"][args.warmup_steps:] else None
+        row = {k: r[k] for k in ("tokens_per_s", "median_step_tokens_per_s", "tokens", "seconds", "padded_tokens",
+                                 "attn_implementation")}
+        row["all_runs_tokens_per_s"] = [x["tokens_per_s"] for x in runs[side]]
+        steps_s = sorted(r["timed_step_seconds"])
+        row["median_step_s"] = steps_s[len(steps_s) // 2]
         if args.device == "cuda":
-            report[side]["mfu"] = 6 * r["params"] * r["tokens_per_s"] / (args.peak_tflops * 1e12)
+            row["mfu"] = 6 * r["params"] * r["tokens_per_s"] / (args.peak_tflops * 1e12)
+        report[side] = row
         report["params"] = r["params"]
     if "mathctl" in results:
         report["mathctl"]["own_tokens_per_s"] = results["mathctl"].get("own_tokens_per_s")
     if len(results) == 2:
-        report["ratio"] = results["mathctl"]["tokens_per_s"] / results["trl"]["tokens_per_s"]
-        report["same_step_tokens"] = results["mathctl"]["step_tokens"] == results["trl"]["step_tokens"]
-        report["trl_version"] = results["trl"].get("trl_version")
+        m, t = results["mathctl"], results["trl"]
+        report["ratio"] = m["tokens_per_s"] / t["tokens_per_s"]
+        report["median_step_ratio"] = m["median_step_tokens_per_s"] / t["median_step_tokens_per_s"]
+        report["same_step_tokens"] = m["step_tokens"] == t["step_tokens"]
+        report["trl_version"] = t.get("trl_version")
 
     if args.json:
         print(json.dumps(report))
         return
+    best = f", best of {args.repeats} runs per side" if args.repeats > 1 else ""
     print(f"SFT training throughput: tiny:{args.preset} ({report.get('params', 0):,} parameters), {args.device}, "
           f"{args.precision}, {args.steps} steps x {args.micro_batch_size} samples, max_seq_len {args.max_seq_len}, "
-          f"first {args.warmup_steps} steps untimed")
-    header = f"{'':10} {'tokens/s':>10} {'tokens':>9} {'seconds':>8} {'step s':>7} {'padded':>9}  attention"
+          f"first {args.warmup_steps} steps untimed{best}")
+    if args.overrides:
+        print(f"mathctl overrides: {' '.join(args.overrides)}")
+    header = (f"{'':8} {'tokens/s':>9} {'med-step':>9} {'tokens':>8} {'seconds':>8} {'step s':>7} {'padded':>8}"
+              f"  attention")
     if args.device == "cuda":
-        header += "     MFU"
+        header += "    MFU"
     print(header)
-    for side, r in results.items():
+    for side in results:
         row = report[side]
-        line = (f"{side:10} {row['tokens_per_s']:10.0f} {row['tokens']:9d} {row['seconds']:8.2f} "
-                f"{row['median_step_s']:7.3f} {row['padded_tokens']:9d}  {row['attn_implementation']}")
+        line = (f"{side:8} {row['tokens_per_s']:9.0f} {row['median_step_tokens_per_s']:9.0f} {row['tokens']:8d} "
+                f"{row['seconds']:8.2f} {row['median_step_s']:7.3f} {row['padded_tokens']:8d}  {row['attn_implementation']}")
         if args.device == "cuda":
-            line += f"  {row['mfu']:6.1%}"
+            line += f" {row['mfu']:6.1%}"
         print(line)
     if "ratio" in report:
-        print(f"ratio mathctl / TRL: {report['ratio']:.2f}x"
-              + ("" if report["same_step_tokens"] else "  (warning: the two sides saw different token counts per step)"))
-    print("tokens = non-padding input tokens of the timed steps; padded = tokens the model ran on (with padding); "
-          "step s = median step time")
+        print(f"ratio mathctl / TRL: {report['ratio']:.2f}x (median-step figures: {report['median_step_ratio']:.2f}x)"
+              + ("" if report["same_step_tokens"] else "  (warning: the sides saw different token counts per step)"))
+    print(f"1-min load average before/after: {report['loadavg_1min'][0]} / {report['loadavg_1min'][1]} "
+          f"on {report['cpu_count']} CPUs (other work on the machine skews CPU figures; use --repeats)")
+    print("tokens/s = non-padding input tokens of the timed steps / their wall-clock seconds; med-step = median over "
+          "steps of each step's tokens/s; step s = median step time; padded = tokens the model ran on, padding included")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 Reads conversations (or problem/solution pairs), renders them with the recipe's chat template,
 masks the loss to the assistant's tokens (or the whole completion with its header), and trains a
 causal LM with full weights or LoRA. Micro-batches are padding-free by default: the samples of a
-micro-batch are concatenated into one row with a block-causal attention mask (sdpa/eager) or with
-per-sample position ids (flash-attn varlen), so no compute is spent on padding and packed samples
-never see each other. The loss is the token mean over the whole optimiser step (all micro-batches,
+micro-batch form one row with per-sample position ids and boundaries, and attention runs within
+each sample only (flash-attn's varlen kernel when installed, else sdpa per sample, see
+attention.py); eager attention packs rows with a block-causal mask instead (see `collate`).
+Packed samples never see each other. The loss is the token mean over the whole optimiser step (all micro-batches,
 all processes), so it does not depend on how a step is split.
 
 Phases: setup -> data -> model -> loop (forward/backward, step, log, eval, checkpoint) -> final/.
@@ -25,6 +26,7 @@ from mathctl.core.errors import ConfigError, DataError
 from mathctl.core.rundir import RunDir
 
 IGNORE = -100
+VARLEN_ATTENTION = ("flash_attention_2", "mathctl_varlen")
 
 
 # --- config ---------------------------------------------------------------------------------
@@ -66,7 +68,10 @@ class SFTTrain(TrainBase):
     """SFT-specific training settings on top of the shared optimiser/schedule ones."""
 
     max_seq_len: int = Field(2048, ge=8, description="Tokens per sample; longer samples are truncated (counted in stats).")
-    packing: bool = Field(True, description="Padding-free micro-batches (see module docstring); false pads to the longest.")
+    packing: bool = Field(
+        True, description="Pack micro-batches: one varlen row with flash-attn, rows of up to max_seq_len tokens "
+        "with a block-causal mask otherwise; false pads every sample to the longest."
+    )
     loss_on: Literal["assistant", "completion", "all"] = Field(
         "assistant",
         description="assistant: the assistant's content and end-of-turn tokens; completion: also the assistant "
@@ -276,46 +281,112 @@ def targets_of(labels: list[int]) -> list[int]:
     return labels[1:] + [IGNORE]
 
 
-def collate(examples: list[dict], *, packing: bool, pad_id: int, attn_implementation: str) -> dict[str, Any]:
-    """Tensors for one micro-batch. Packed: one row [1, T] with block-causal mask or position ids;
-    padded: [B, T] with a 2-D attention mask. `targets` are already shifted, per sample, so a packed
-    row never asks one sample to predict the next sample's first token."""
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit-decreasing: sample indices grouped into rows of at most `capacity` tokens."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+def collate(examples: list[dict], *, packing: bool, pad_id: int, attn_implementation: str,
+            row_capacity: int | None = None) -> dict[str, Any]:
+    """Tensors for one micro-batch. `targets` are shifted per sample, so a packed row never asks one
+    sample to predict the next sample's first token.
+
+    - padded (packing off): [B, T] rows padded to the longest, with a 2-D attention mask.
+    - flash_attention_2 / mathctl_varlen: one row [1, T] of all samples with per-sample position ids
+      and sample boundaries (`cu_seq_lens_*`); attention runs within each sample only, so nothing is
+      spent on padding or masked blocks. Training on sdpa uses mathctl_varlen (see attention.py).
+    - sdpa/eager with a mask: samples are packed first-fit into rows of at most `row_capacity`
+      tokens with a block-causal 4-D mask and per-sample position ids. Rows are bounded because
+      these kernels cannot skip masked blocks: one row of all samples would cost attention
+      quadratic in the whole micro-batch.
+    """
     import torch
 
-    if packing:
-        ids, targets, positions, segments = [], [], [], []
-        for k, e in enumerate(examples):
-            n = len(e["input_ids"])
-            ids += e["input_ids"]
-            targets += targets_of(e["labels"])
-            positions += list(range(n))
-            segments += [k] * n
-        batch = {"input_ids": torch.tensor([ids]), "targets": torch.tensor([targets]),
-                 "position_ids": torch.tensor([positions])}  # [1, T]
-        if attn_implementation != "flash_attention_2":
-            seg = torch.tensor(segments)
-            causal = torch.ones(len(ids), len(ids), dtype=torch.bool).tril_()
-            allowed = (causal & (seg[:, None] == seg[None, :]))[None, None]  # [1, 1, T, T]
-            if attn_implementation == "eager":  # eager adds the mask to the scores: it must be additive
-                allowed = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
-            batch["attention_mask"] = allowed
-        return batch
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = [e["input_ids"] + [pad_id] * (width - len(e["input_ids"])) for e in examples]
-    targets = [targets_of(e["labels"]) + [IGNORE] * (width - len(e["labels"])) for e in examples]
-    mask = [[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in examples]
-    return {"input_ids": torch.tensor(ids), "targets": torch.tensor(targets), "attention_mask": torch.tensor(mask)}  # [B, T]
+    if not packing:
+        width = max(len(e["input_ids"]) for e in examples)
+        ids = [e["input_ids"] + [pad_id] * (width - len(e["input_ids"])) for e in examples]
+        targets = [targets_of(e["labels"]) + [IGNORE] * (width - len(e["labels"])) for e in examples]
+        mask = [[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in examples]
+        return {"input_ids": torch.tensor(ids), "targets": torch.tensor(targets), "attention_mask": torch.tensor(mask)}
+    lengths = [len(e["input_ids"]) for e in examples]
+    varlen = attn_implementation in VARLEN_ATTENTION
+    if varlen:
+        groups = [list(range(len(examples)))]
+    else:
+        groups = pack_rows(lengths, max(row_capacity or 0, max(lengths)))
+    width = max(sum(lengths[i] for i in group) for group in groups)
+    ids, targets, positions, segments = [], [], [], []
+    for group in groups:
+        row_ids, row_targets, row_pos, row_seg = [], [], [], []
+        for k, i in enumerate(group):
+            row_ids += examples[i]["input_ids"]
+            row_targets += targets_of(examples[i]["labels"])
+            row_pos += list(range(lengths[i]))
+            row_seg += [k] * lengths[i]
+        pad = width - len(row_ids)
+        # padding forms its own segment so no query row is fully masked (NaN in sdpa)
+        ids.append(row_ids + [pad_id] * pad)
+        targets.append(row_targets + [IGNORE] * pad)
+        positions.append(row_pos + list(range(pad)))
+        segments.append(row_seg + [len(group)] * pad)
+    batch = {"input_ids": torch.tensor(ids), "targets": torch.tensor(targets),
+             "position_ids": torch.tensor(positions)}  # [R, T]
+    if varlen:  # sample boundaries, as flash-attn's varlen kernel (and mathctl_varlen) take them
+        bounds = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        batch.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=max(lengths), max_length_k=max(lengths))
+    else:
+        seg = torch.tensor(segments)  # [R, T]
+        causal = torch.ones(width, width, dtype=torch.bool).tril_()
+        allowed = (causal & (seg[:, :, None] == seg[:, None, :]))[:, None]  # [R, 1, T, T]
+        if attn_implementation == "eager":  # eager adds the mask to the scores: it must be additive
+            allowed = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+        batch["attention_mask"] = allowed
+    return batch
 
 
 def token_nll_sum(model, batch: dict[str, Any], device) -> Any:
-    """Sum of next-token negative log-likelihoods over trained positions (fp32 log-softmax)."""
+    """Sum of next-token negative log-likelihoods over trained positions (fp32 log-softmax).
+
+    Only positions that have a target go through the LM head (`logits_to_keep`), which saves the
+    [T, V] projection and its memory for prompt tokens; models whose forward lacks that argument
+    (some remote-code models) compute all logits.
+    """
     import torch
 
-    inputs = {k: v.to(device) for k, v in batch.items() if k != "targets"}
-    logits = model(**inputs, use_cache=False).logits  # [B, T, V]
-    targets = batch["targets"].to(device)
+    inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items() if k != "targets"}
+    targets = batch["targets"].to(device)  # [B, T]
+    if _accepts_logits_to_keep(model):
+        keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(-1)  # [K] positions with a target in any row
+        inputs["logits_to_keep"] = keep
+        targets = targets[:, keep]
+    logits = model(**inputs, use_cache=False).logits  # [B, K, V]
     return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
                                              reduction="sum")
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    import inspect
+
+    inner = model
+    while True:  # peel DDP and peft wrappers; FSDP2 keeps the class's own forward
+        if hasattr(inner, "get_base_model"):
+            inner = inner.get_base_model()
+        elif hasattr(inner, "module") and type(inner).__name__ == "DistributedDataParallel":
+            inner = inner.module
+        else:
+            break
+    return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
 
 
 def count_targets(examples: list[dict]) -> int:
@@ -394,6 +465,11 @@ def run(cfg: SFTConfig, run_dir: RunDir) -> dict[str, Any]:
     # --- model
     attn = models.pick_attn_implementation(cfg.model.attn_implementation, dist.device.type)
     model = models.load_causal_lm(cfg.model, device_type=dist.device.type)
+    if cfg.train.packing and attn == "sdpa":  # padding-free without flash-attn: sdpa per packed sample
+        from mathctl import attention
+
+        attn = attention.register()
+        model.set_attn_implementation(attn)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -435,7 +511,8 @@ def run(cfg: SFTConfig, run_dir: RunDir) -> dict[str, Any]:
         with torch.no_grad(), training.autocast(cfg.train, dist, model):
             for i in range(0, len(mine), cfg.train.micro_batch_size):
                 chunk = mine[i:i + cfg.train.micro_batch_size]
-                batch = collate(chunk, packing=cfg.train.packing, pad_id=tokenizer.pad_token_id, attn_implementation=attn)
+                batch = collate(chunk, packing=cfg.train.packing, pad_id=tokenizer.pad_token_id, attn_implementation=attn,
+                                row_capacity=cfg.train.max_seq_len)
                 total += float(token_nll_sum(model, batch, dist.device))
                 count += count_targets(chunk)
         total, count = dist.all_reduce_sum([total, count])
@@ -455,13 +532,14 @@ def run(cfg: SFTConfig, run_dir: RunDir) -> dict[str, Any]:
             step_loss = 0.0
             for indices in micro:
                 examples = [train_examples[i] for i in indices]
-                batch = collate(examples, packing=cfg.train.packing, pad_id=tokenizer.pad_token_id, attn_implementation=attn)
+                batch = collate(examples, packing=cfg.train.packing, pad_id=tokenizer.pad_token_id, attn_implementation=attn,
+                                row_capacity=cfg.train.max_seq_len)
                 with training.autocast(cfg.train, dist, model):
                     nll = token_nll_sum(model, batch, dist.device)
                 # FSDP/DDP average gradients over ranks; scale by world so the result is the global token mean
                 (nll * dist.world / global_targets).backward()
                 step_loss += float(nll.detach())
-                window_tokens += int(batch["input_ids"].numel() if cfg.train.packing else batch["attention_mask"].sum())
+                window_tokens += sum(len(e["input_ids"]) for e in examples)
             grad_norm = training.clip_grad_norm(model, cfg.train.max_grad_norm)
             optimizer.step()
             scheduler.step()

@@ -94,7 +94,7 @@ def test_tokenizer_without_template_needs_an_explicit_choice(tokenizer):
         tokenizer.chat_template = saved
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "mathctl_varlen"])
 def test_packed_loss_equals_padded_loss(tiny_model, tokenizer, attn):
     """Padding-free packing with a block-causal mask gives the padded loss (fp32, within 1e-5),
     and the same gradients."""
@@ -102,7 +102,12 @@ def test_packed_loss_equals_padded_loss(tiny_model, tokenizer, attn):
 
     tokenizer.chat_template = CHAT_TEMPLATES["chatml"]
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attn, dtype=torch.float32)
+    from mathctl import attention
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="eager" if attn == "eager" else "sdpa",
+                                                 dtype=torch.float32)
+    if attn == attention.NAME:
+        model.set_attn_implementation(attention.register())
     with torch.no_grad():  # a fresh init attends almost uniformly; sharper weights make context matter
         for param in model.parameters():
             if param.ndim == 2:
@@ -111,10 +116,17 @@ def test_packed_loss_equals_padded_loss(tiny_model, tokenizer, attn):
               {"role": "assistant", "content": f"Sam has {n} coins. The answer is \\boxed{{{n}}}."}] for n in (1, 7, 3, 12)]
     examples = [tokenize_conversation(c, tokenizer, "assistant", 512) for c in convs]
     assert len({len(e["input_ids"]) for e in examples}) > 1  # different lengths: padding matters
+    capacity = max(len(e["input_ids"]) for e in examples) + 60
+    packed = collate(examples, packing=True, pad_id=tokenizer.pad_token_id, attn_implementation=attn, row_capacity=capacity)
+    if attn == attention.NAME:
+        assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed  # one row, no padding
+    else:
+        assert 1 < packed["input_ids"].shape[0] < len(examples)  # rows that hold several samples, and padding
     losses, grads = [], []
     for packing in (False, True):
         model.zero_grad()
-        batch = collate(examples, packing=packing, pad_id=tokenizer.pad_token_id, attn_implementation=attn)
+        batch = collate(examples, packing=packing, pad_id=tokenizer.pad_token_id, attn_implementation=attn,
+                        row_capacity=capacity)
         loss = token_nll_sum(model, batch, torch.device("cpu")) / count_targets(examples)
         loss.backward()
         losses.append(float(loss))
@@ -123,15 +135,27 @@ def test_packed_loss_equals_padded_loss(tiny_model, tokenizer, attn):
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
     # a packed row with neither the block mask nor per-sample positions leaks context across samples,
     # so the equality above is not vacuous
-    batch = collate(examples, packing=True, pad_id=tokenizer.pad_token_id, attn_implementation=attn)
+    batch = packed
     leaky_batch = {"input_ids": batch["input_ids"], "targets": batch["targets"]}
     leaky = float(token_nll_sum(model, leaky_batch, torch.device("cpu"))) / count_targets(examples)
     assert abs(leaky - losses[0]) > 1e-3
-    # the varlen form (position ids only, what flash-attn gets) is isolated too: transformers 5 detects
-    # packed rows from position ids when no KV cache is used (token_nll_sum passes use_cache=False)
-    varlen = collate(examples, packing=True, pad_id=tokenizer.pad_token_id, attn_implementation="flash_attention_2")
-    assert "attention_mask" not in varlen
-    assert abs(float(token_nll_sum(model, varlen, torch.device("cpu"))) / count_targets(examples) - losses[0]) <= 1e-5
+    # position ids alone (no mask, no boundaries) isolate the samples too on sdpa/eager: transformers 5
+    # detects packed rows from position ids when no KV cache is used (token_nll_sum passes use_cache=False)
+    if attn != attention.NAME:
+        positions_only = {k: batch[k] for k in ("input_ids", "targets", "position_ids")}
+        loss = float(token_nll_sum(model, positions_only, torch.device("cpu"))) / count_targets(examples)
+        assert abs(loss - losses[0]) <= 1e-5
+
+
+def test_pack_rows_first_fit_decreasing():
+    from mathctl.sft import pack_rows
+
+    rows = pack_rows([5, 9, 3, 7, 1], capacity=10)
+    assert rows == [[1, 4], [3, 2], [0]]  # 9+1 | 7+3 | 5: longest first, each into the first row it fits
+    lengths = [5, 9, 3, 7, 1]
+    assert all(sum(lengths[i] for i in r) <= 10 for r in rows)
+    assert sorted(i for r in rows for i in r) == [0, 1, 2, 3, 4]
+    assert len(rows) == 3  # 25 tokens need at least 3 rows of 10
 
 
 def test_lr_schedules():
