@@ -21,7 +21,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from mathctl.core.config import LaunchConfig, LoraSpec, ModelSpec, OutputConfig, Strict, TrainBase
-from mathctl.core.console import log, progress
+from mathctl.core.console import console, log, progress
 from mathctl.core.errors import ConfigError, DataError
 from mathctl.core.rundir import RunDir
 
@@ -565,6 +565,9 @@ def run(cfg: SFTConfig, run_dir: RunDir) -> dict[str, Any]:
                     record = (record or {"step": done}) | {"eval_loss": last_eval}
             if record is not None and dist.is_main:
                 run_dir.log_metrics(record)
+                if not console.is_terminal:  # no live bar (CI, Slurm logs): one line per logged step
+                    extra = f" eval_loss {record['eval_loss']:.4f}" if record.get("eval_loss") is not None else ""
+                    log(f"step {done}/{plan.total_steps} loss {last_loss:.4f} lr {scheduler.get_last_lr()[0]:.3g}{extra}")
             advance(1, loss=f"{last_loss:.4f}")
             if cfg.output.save_every_steps and done % cfg.output.save_every_steps == 0 and done != plan.total_steps:
                 save(done)

@@ -332,17 +332,20 @@ def plot_curves(records: list[dict[str, Any]], series: list[tuple[str, str]], ou
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    drawn = False
+    values: list[float] = []
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     for key, label in series:
         points = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3, label=label)
-            drawn = True
-    if not drawn:
+            values += ys
+    if not values:
         plt.close(fig)
         return None
+    positive = [v for v in values if v > 0]
+    if len(positive) == len(values) and max(positive) / min(positive) > 20:
+        ax.set_yscale("log")  # an early drop would flatten the rest of the curve
     ax.set_xlabel("optimiser step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
