@@ -21,7 +21,7 @@ from mathctl.core.errors import EXIT_BUG, EXIT_OK, EXIT_USER, ConfigError, Mathc
 
 app = typer.Typer(
     name="mathctl",
-    help="Math post-training lifecycle: data, sft, rm, grpo, mcts-sample, convert-ckpt, eval.",
+    help="Math post-training lifecycle: data, sft, rm, grpo, mcts-sample, convert-ckpt, eval, grade.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
@@ -237,6 +237,48 @@ def data_synthetic(
     except OSError as exc:
         raise ConfigError(f"cannot write {out}: {exc.strerror or exc}", hint="choose a writable path") from None
     _emit({"status": "completed", "path": str(out), "rows": len(rows)}, json_out)
+
+
+@app.command(help="Grade model responses in a JSONL file against gold answers; prints the accuracy.")
+def grade(
+    file: Path = typer.Argument(..., help="JSONL file, one object per line with a response and a gold answer."),
+    response_field: str = typer.Option("response", "--response-field", help="Field holding the model's response."),
+    answer_field: str = typer.Option("answer", "--answer-field", help="Field holding the gold answer (string, number or list)."),
+    out: Path = typer.Option(None, "--out", help="Write each row plus `correct`, `extracted` and `reason` here."),
+    run_dir: Path = typer.Option(None, "--run-dir", help="Also write graded.jsonl and summary.json into this folder."),
+    timeout_s: float = typer.Option(1.0, "--timeout", min=0.01, help="Time limit of each symbolic check, seconds."),
+    workers: int = typer.Option(None, "--workers", min=0, help="Processes for symbolic checks (default: all cores)."),
+    json_out: bool = JsonOpt,
+) -> None:
+    from mathctl.core.errors import DataError
+    from mathctl.core.io import atomic_write_json, iter_jsonl, write_jsonl
+    from mathctl.grading import grade_batch
+
+    rows, responses, golds = [], [], []
+    for number, row in iter_jsonl(file):
+        for field in (response_field, answer_field):
+            if field not in row:
+                raise DataError(f"{file} line {number}: no field '{field}' (fields: {', '.join(sorted(row)) or 'none'})",
+                                hint="name the fields with --response-field / --answer-field")
+        rows.append(row)
+        responses.append(str(row[response_field]) if row[response_field] is not None else "")
+        golds.append(row[answer_field])
+    grades = grade_batch(responses, golds, timeout_s=timeout_s, workers=workers)
+    correct = sum(g.correct for g in grades)
+    summary = {"total": len(rows), "correct": correct, "accuracy": correct / len(rows) if rows else 0.0}
+    graded = [dict(row, correct=g.correct, extracted=g.extracted, reason=g.reason) for row, g in zip(rows, grades)]
+    try:
+        if out is not None:
+            write_jsonl(out, graded)
+        if run_dir is not None:
+            write_jsonl(run_dir / "graded.jsonl", graded)
+            atomic_write_json(run_dir / "summary.json", summary)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {exc.filename}: {exc.strerror}", hint="choose a writable --out / --run-dir") from None
+    from mathctl.core.console import log
+
+    log(f"accuracy {summary['accuracy']:.4f} ({correct}/{len(rows)})")
+    _emit(summary, json_out)
 
 
 # --- entry point ----------------------------------------------------------------------------

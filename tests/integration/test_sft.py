@@ -27,7 +27,8 @@ def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> Non
 
 # --- the happy paths --------------------------------------------------------------------------
 def test_help_and_version(capsys):
-    for argv in (["--help"], ["sft", "--help"], ["tiny-model", "--help"], ["data", "--help"], ["data", "synthetic", "--help"]):
+    for argv in (["--help"], ["sft", "--help"], ["tiny-model", "--help"], ["data", "--help"], ["data", "synthetic", "--help"],
+                 ["grade", "--help"]):
         assert main(argv) == 0, argv
     assert main(["--version"]) == 0
     assert "mathctl 0." in capsys.readouterr().out
