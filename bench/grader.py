@@ -4,7 +4,8 @@ Cases come from the real benchmark answers in ../shared/data/benchmarks (the sam
 tests/unit/test_grading_benchmarks.py): for a sample of gold answers per benchmark, a response that
 states the gold in `\\boxed{}` (should grade correct), one that states a perturbed gold (a digit
 changed: should grade wrong), and one that states it in another form where a simple rewrite exists
-(`0.5` for `\\frac{1}{2}`, `x=3` for `3`, `3.0` for `3`: should grade correct). Both graders get
+(`0.5` for `\\frac{1}{2}`, `x=3` for `3`, `3.0` for `3`: should grade correct); plus every pair of
+the hand-written table in tests/unit/test_grading_equivalence.py (symbolic and structured answers). Both graders get
 the response text and the gold; math-verify parses the gold wrapped in `$\\boxed{...}$`, as NeMo RL
 and TRL call it.
 
@@ -50,6 +51,12 @@ def build_cases(per_benchmark: int, seed: int) -> list[dict]:
                 cases.append({"benchmark": name, "gold": gold, "answer": changed, "expect": False, "kind": "perturbed"})
             for other in _rewrites(gold):
                 cases.append({"benchmark": name, "gold": gold, "answer": other, "expect": True, "kind": "rewritten"})
+    # the hand-written table: harder, symbolic and structured pairs
+    from test_grading_equivalence import CASES
+
+    for pred, gold, expect in CASES:
+        if len(pred) < 300 and len(gold) < 300:  # the table's safety cases (huge inputs) are not grading speed
+            cases.append({"benchmark": "table", "gold": gold, "answer": pred, "expect": expect, "kind": "table"})
     for case in cases:
         case["response"] = f"Working through it step by step, so the answer is $\\boxed{{{case['answer']}}}$."
     return cases
@@ -127,7 +134,7 @@ def main() -> int:
         return 0
     print(f"{n} cases from {len({c['benchmark'] for c in cases})} benchmarks "
           f"({sum(c['kind'] == 'same' for c in cases)} same, {sum(c['kind'] == 'perturbed' for c in cases)} perturbed, "
-          f"{sum(c['kind'] == 'rewritten' for c in cases)} rewritten)")
+          f"{sum(c['kind'] == 'rewritten' for c in cases)} rewritten, {sum(c['kind'] == 'table' for c in cases)} table)")
     print(f"mathctl      {result['mathctl_cases_per_s']:10.0f} cases/s   (one process: {result['mathctl_one_process_cases_per_s']:.0f})")
     print(f"math-verify  {result['math_verify_cases_per_s']:10.0f} cases/s")
     print(f"speedup {result['speedup']:.1f}x (one process {result['speedup_one_process']:.1f}x); "

@@ -1,110 +1,136 @@
-"""Decide whether two math answers are the same: `equivalent(pred, gold) -> (bool, reason)`.
+r"""Decide whether two math answers are the same: `equivalent(pred, gold) -> (bool, reason)`.
 
-Used for eval scores and GRPO rewards, so it is called millions of times: everything that can be
-decided cheaply is decided in this process in pure Python; only what needs a computer-algebra system is
-sent to sympy, in worker processes under a wall-clock limit. Inputs may be raw LaTeX or the output of
-`mathctl.grading.normalize.normalize_answer`; both are accepted (the cleanup here is a cheap subset).
+Used for eval scores and GRPO rewards, so it is called millions of times: whatever can be decided
+cheaply is decided in this process in pure Python; only what needs computer algebra goes to sympy, in
+worker processes under a wall-clock limit. Inputs may be raw LaTeX or the output of
+`mathctl.grading.normalize.normalize_answer`; both work (the cleanup here is a cheap subset of it).
 
-Stages, cheapest first (the `reason` names the stage that decided):
+Public API: `equivalent`, `equivalent_many`, `start_workers`, `shutdown_workers`, `REASONS`.
 
-1. `exact`: string equality after trivial cleanup (`$`, `\\boxed`, `\\left`/`\\right`, spacing commands,
-   `\\dfrac`, `\\text{}` unwrapping, unit words after numbers, `^\\circ`, `\\%`, `\\$`, whitespace).
-   Two plain numbers (`42`, `-0.5`) are compared right away, before any other work.
-2. Each side is parsed, without sympy and without `eval`, into a small tuple tree by our own
-   recursive-descent LaTeX parser: numbers, `\\frac` (also `\\frac12`), `\\sqrt[n]{x}`, `^`/`**`, `\\pi`,
-   `e`, `i`, `\\infty`, `\\cdot`, `\\times`, `\\div`, `/`, `!`, `\\binom`, `|x|`, `\\lfloor`, `\\lceil`, `\\ln`,
-   `\\log`/`\\log_b`, `\\exp`, trig/hyperbolic/inverse functions (`\\sin^2 x`, `\\sin^{-1}`), implicit
-   multiplication (`2x`, `2\\pi`, `3\\sqrt{2}`, `x(x+1)`, `\\sin 2x` = sin(2x)), variables (`x`, `x_1`,
-   `\\alpha`), scientific notation (`1.5e3`, `1.5\\times10^{3}`) and mixed numbers (`2\\frac{1}{2}` = 5/2).
-   Anything else (an unknown command, a stray character) makes the side `unparsable`; a run of three or
-   more letters that is no function name makes it a word answer, compared case-insensitively (`different`).
-3. `structure`: split at top level (bracket-aware) into components, each compared recursively:
-   - bare comma lists `1, 2, 3` (also `x=1 or x=2`, `a \\pm b`) are UNORDERED multisets (`1,2` == `2,1`);
-   - `\\{...\\}` are sets (order and repeats ignored); a set equals a bare list with the same elements,
-     and a one-element set equals its element;
-   - `(a, b, c)`, `[a, b, c]` and `\\langle a, b \\rangle` are ordered tuples (`(1,2)` != `(2,1)`);
-     a parenthesised tuple also equals a bare list in the same order;
-   - `(a, b)` is ambiguous (point or open interval): it equals `(a, b)` element-wise and equals an
-     interval only if that interval is open at both ends;
-   - `[a, b]`, `[a, b)`, `(a, b]` are intervals: both end points must be equal and the open/closed ends
-     must match, except at an infinite end point (`(-\\infty, 2]` == `[-\\infty, 2]`); unions `A \\cup B`
-     are compared as sets of intervals (no merging: `[0,1]\\cup[1,2]` != `[0,2]`); a one-variable
-     inequality `x > 2`, `-1 \\le x < 3` equals the matching interval and a list of them a union;
-   - matrices (`pmatrix`, `bmatrix`, `Bmatrix`, `matrix`, `array`): same shape, element-wise;
-   - equations: `x = 3` equals `3` (a lone variable on one side is an assignment) and `x = 3` equals
-     `y = 3`; other equations are equal when lhs - rhs of one is a NONZERO CONSTANT multiple of the
-     other's (`y = 2x+1` == `2x + 1 = y` == `2y = 4x + 2`); inequalities when they point the same way after
-     flipping, have the same strictness and (rhs - lhs) differ by a POSITIVE constant factor
-     (`x > 2` == `2 < x` == `2x > 4`); chains `a < x < b` compare part by part.
-4. Scalars (and the structure's components):
-   - `numeric`, for closed-form numbers (no variables): evaluated in pure Python, exactly with
-     `fractions.Fraction` where possible (integers, decimals, fractions, integer powers, perfect roots,
-     exact logs like `\\log_2 8`), otherwise in floating point (`math`/`cmath`, complex allowed). The
-     tolerance policy:
-       * both exact rationals: equal iff exactly equal, except that when a decimal literal (`0.3333`,
-         `1.5e-3`) appears on either side and neither value is an integer, a RELATIVE tolerance `rel_tol`
-         (default 1e-4) applies: `0.33333` == `1/3`, `0.333` != `1/3`, `0.5` == `1/2`, but `2.9999` != `3`
-         and `1000001` != `1000000` (integers never get a tolerance);
-       * a decimal literal against an irrational value (`3.1416` vs `\\pi`): |a-b| <= rel_tol * max(|a|,|b|)
-         or |a-b| <= 1e-12 (absolute floor for values near 0);
-       * no decimal literal on either side (exact closed forms such as `\\sqrt{8}` vs `2\\sqrt{2}`): equal
-         if the floats agree to 1e-13 relative, different if they differ by more than 1e-9 relative (and
-         1e-12 absolute); anything in between (float noise vs a genuine tiny difference, e.g. `0` vs
-         `\\sin(\\pi)`) goes to sympy at 30 digits. So `\\frac{99}{70}` != `\\sqrt{2}` although they agree
-         to 5e-5.
-     Safety: exact powers are only computed when the result has at most 2^17 bits, factorials up to
-     2000!, literals up to 1000 characters; float overflow, `\\infty` inside arithmetic and undefined
-     values (`1/0`) fall through to sympy. `9^{9^{9^9}}` never gets evaluated in this process.
-   - `identity`, for expressions in variables built from + - * / and integer powers (rational
-     functions; `\\pi` and `e` are treated as further indeterminates since they are transcendental):
-     both sides are evaluated EXACTLY (Fractions) at 3 pseudo-random rational points; a difference at
-     one point proves them different, agreement at 3 points means equal (Schwartz-Zippel: a nonzero
-     rational function of modest degree vanishes at random 30-bit rationals with probability ~1e-8 per
-     point). Decimal coefficients are exact here (no tolerance for `0.3333x` vs `x/3`).
-   - otherwise (functions of variables, `\\sqrt{x}`, `e^{x}`, ...): a float probe at 4 points rejects
-     clear differences in-process (`numeric`); what remains goes to the worker (`symbolic`).
-5. `symbolic`: the parse tree is converted DIRECTLY into sympy objects (no `parse_expr`, no `eval`, no
-   strings: unknown names cannot reach Python). Closed forms: exact rationals by the same policy,
-   others by 30-digit `evalf` of a - b (then `simplify` for near-ties). Expressions in variables: evalf at
-   up to 6 mixed-sign rational points to 30 digits; one clear difference means different, agreement at
-   >= 2 points means equal; if the points are inconclusive (undefined), `simplify(a - b) == 0` decides.
-   Equations/inequalities use the ratio of the two (lhs - rhs) the same way (constant, nonzero,
-   positive for inequalities). Powers whose result would exceed 2^24 bits and factorials above 10^4
-   are refused in the worker (`unparsable`).
+Stages, cheapest first (`reason` names the stage that decided):
+
+1. `exact`: equal strings after cleanup: `$`, `\boxed`, `\left`/`\right`, spacing commands, `\dfrac`,
+   `\text{}`-like wrappers (unwrapped; `or`/`and` become commas; unit words after a number dropped,
+   also `270 (classrooms)`, `5 cm^2`), `^\circ`, `\%`, `\$`, `{,}`, TeX shorthand braced (`\frac58`,
+   `\sqrt2`, `x_1`, `2^10`), JSON-damaged commands repaired (form feed + `rac` -> `\frac`), whitespace
+   removed, letter runs of 2+ lower-cased (as `normalize_answer` does: `Yes` = `yes`; single letters keep
+   their case, `x` != `X`). Two plain numbers (`42`, `-0.5`) are compared before any of this.
+2. Parsing, without sympy and without `eval`: our own recursive-descent parser turns each side into a
+   small tuple tree. It knows numbers, `\frac` (also `\frac12`), `\sqrt[n]{x}`, `^`/`**`, `\pi`, `e`,
+   `i`, `\infty`, `\cdot`, `\times`, `\div`, `/`, `!`, `\binom`, `|x|`, `\lfloor`/`\lceil`, `\ln`,
+   `\log`/`\log_b`, `\exp`, trig/hyperbolic/inverse functions (`\sin^2 x`, `\sin^{-1}x`), implicit
+   multiplication (`2x`, `2\pi`, `3\sqrt{2}`, `x(x+1)`, `\sin 2x` = sin(2x); `1/2x` = x/2), variables
+   (`x`, `x_1`, `\alpha`), scientific notation (`1.5e3`, `1.5\times10^{3}`), mixed numbers
+   (`2\frac{1}{2}` = 5/2, only `<int>\frac{<int>}{<int>}` with a proper fraction) and plain-text
+   `sqrt(2)`, `pi`. Anything else (an unknown command, a stray character) makes the side
+   `unparsable`; a run of three or more letters that is not a function name makes it a word answer,
+   compared as lower-cased text (`different` when not equal).
+3. `structure`: the answer is split at top level (bracket-aware) and components are compared
+   recursively with stage 4:
+   - a bare comma list `1, 2, 3` (also `x=1 or x=2`, `a \pm b`) is an UNORDERED multiset: `1,2` ==
+     `2,1`, `1,2,2` != `1,2`;
+   - `\{...\}` is a set (order and repeats ignored); a set equals a bare list of the same elements, a
+     one-element set equals its element; `\emptyset` == `\{\}`;
+   - `(a, b, c)`, `[a, b, c]` and `\langle a, b \rangle` are ordered tuples: `(1,2)` != `(2,1)`; a
+     tuple also equals a bare list in the same order;
+   - `(a, b)` is a point or an open interval: equal to `(a, b)` element-wise, and to an interval only
+     if that is open at both ends;
+   - `[a, b]`, `[a, b)`, `(a, b]` are intervals: end points equal and open/closed ends equal, except at
+     an infinite end (`[-\infty, 2]` == `(-\infty, 2]`); unions `A \cup B` are compared as sets of
+     intervals, without merging (`[0,1]\cup[1,2]` != `[0,2]`); a one-variable inequality (`x > 2`,
+     `-1 \le x < 3`) equals its interval, a list of them (`x<0 or x>1`) a union;
+   - matrices (`pmatrix`, `bmatrix`, `Bmatrix`, `matrix`, `smallmatrix`, `array`): same shape,
+     element-wise;
+   - equations: a lone variable on one side makes an assignment, which equals its value (`x = 3` ==
+     `3`, and `x = 3` == `y = 3` as after normalisation, but inside a list the names must match:
+     `x=1,y=2` != `x=2,y=1`); other equations are equal when lhs - rhs of one is a NONZERO CONSTANT
+     multiple of the other's (`y = 2x+1` == `2x + 1 = y` == `2y = 4x + 2`);
+   - inequalities: both turned to point `<`/`\le`; same strictness and (rhs - lhs) equal up to a
+     POSITIVE constant factor (`x > 2` == `2 < x` == `2x > 4`, `x > 2` != `x \ge 2`); chains
+     `a < x < b` compare part by part.
+4. Scalars (also each component of stage 3):
+   - `numeric`, closed-form numbers: evaluated in pure Python, exactly (`fractions.Fraction`) where
+     possible (integers, decimals, fractions, integer powers, perfect roots, exact logs `\log_2 8`,
+     factorials, binomials), otherwise in floating point (`math`/`cmath`, complex allowed; principal
+     branches as in sympy, except that odd roots `\sqrt[3]{-8}` of negative numbers are real).
+     TOLERANCE POLICY:
+       * both values exact rationals: equal iff exactly equal, except when a decimal literal (`0.3333`,
+         `1.5e-3`) appears on either side and neither value is an integer: then a RELATIVE tolerance
+         `rel_tol` (default 1e-4) applies. So `0.33333` == `1/3` (1e-5 off), `0.333` != `1/3` (1e-3
+         off), `0.5` == `1/2`, but integers never get a tolerance: `2.9999` != `3`, `1000001` !=
+         `1000000`, and fractions written as fractions compare exactly: `1/10000` != `1/10001`;
+       * a decimal literal against an irrational value (`3.1416` vs `\pi`): |a-b| <= rel_tol *
+         max(|a|,|b|), or |a-b| <= 1e-12 (absolute floor for values near 0): `3.1416` == `\pi`,
+         `3.14` != `\pi`;
+       * no decimal literal on either side (exact forms such as `\sqrt{8}` vs `2\sqrt{2}`): equal if
+         the floats agree to 1e-13 relative, different beyond 1e-9 relative (and 1e-12 absolute);
+         in between (float noise or a genuine tiny difference, e.g. `0` vs `\sin(\pi)`) sympy decides
+         at 30 digits. So `\frac{99}{70}` != `\sqrt{2}` although they agree to 5e-5.
+     Bounds: exact powers only up to 2^17-bit results, factorials up to 2000!, literals up to 1000
+     characters; larger closed forms are compared by magnitude with 40-digit `decimal` arithmetic
+     (exponent range 10^15: `(3^{2019}-1)^{2018}` != `(2^{2019}-1)^{2018}` in microseconds, refusing
+     cancellation and exponents above 10^12), which can only prove them different; if it cannot, sympy
+     gets them. Float overflow, `\infty` inside arithmetic and undefined values (`1/0`) also go to
+     sympy. `9^{9^{9^9}}` is never evaluated in this process.
+   - `identity`, expressions in variables built from + - * / and integer powers (rational functions;
+     `\pi` and `e` count as further indeterminates, being transcendental): both sides are evaluated
+     modulo the prime 2^61-1 at 3 pseudo-random points; one difference proves them different,
+     agreement at 3 points means equal (Schwartz-Zippel: a nonzero rational function of degree d
+     vanishes at a random point with probability <= d/2^61). Decimal coefficients are exact here
+     (`0.3333x` != `x/3`). Proportional (in)equations use the same points (the sign of the factor for
+     inequalities from exact rationals at one point).
+   - otherwise (functions of variables, `\sqrt{x}`, `e^{x}`, ...): a float probe at 4 points rejects
+     clear differences in-process (`numeric`); the rest goes to stage 5.
+5. `symbolic`: the tree is converted DIRECTLY into sympy objects (`sympy.Add`, `Pow`, `Symbol(name)`,
+   ...: no `parse_expr`, no `eval`, no strings, so no name can reach Python). Closed forms: exact
+   rationals by the same policy, others by the 30-digit `evalf` of a - b (then `simplify` for
+   near-ties). Expressions in variables: `evalf` to 30 digits at up to 6 mixed-sign rational points;
+   one clear difference means different, agreement at >= 2 points means equal; if too few points are
+   defined, `simplify(a - b) == 0`. (In)equations compare the ratio of the two (lhs - rhs) the same way.
+   Powers whose expansion would exceed 2^24 bits and factorials or binomials above 10^4 are refused
+   (`unparsable`) instead of computed.
 6. Time limit (`timeout`): every sympy call runs in a separate, long-lived worker process started with
-   `subprocess` (`python -c ...`, so no fork of the caller, no re-import of `__main__`, and it works from
-   daemonic `multiprocessing` workers and any thread). Requests and answers are length-prefixed pickles
-   over the worker's stdin/stdout; the caller waits with `select` and a deadline and, when it passes,
-   SIGKILLs the worker and starts a replacement. The clock for a request starts when its worker is
-   ready (start-up, about 0.5-1 s for `import sympy`, is not charged to the answer). Workers are started
-   lazily, reused, shared by all threads (a lock-protected idle list), capped at the CPU count (or the
-   `workers` asked for), limited to 2 GiB address space (`MATHCTL_GRADER_WORKER_MEM_MB`), ignore SIGINT,
-   exit on EOF of stdin or when their parent dies (polled every second), and are stopped at interpreter
-   exit. After `os.fork()` the child drops the inherited pool (closing its copies of the pipes) and
-   builds its own. Deep nesting (> 48 brackets), more than 2048 tokens or 4096 characters make a side
-   `unparsable` before any recursion; `RecursionError` is caught everywhere as a second line of defence.
+   `subprocess` (`python -c ...`: no fork of the caller, no re-import of `__main__`, works from daemonic
+   `multiprocessing` workers and from any thread; no signals). Requests and answers are length-prefixed
+   pickles over the worker's stdin/stdout; the caller waits with `select` against a deadline and, when
+   it passes, SIGKILLs the worker and starts a replacement at once. The clock of a request starts when
+   its worker is ready: start-up (`import sympy`, about 0.5-1 s) is not charged to the answer, so the
+   first symbolic call of a process takes that much longer (call `start_workers()` early to hide it).
+   Workers are started lazily, reused, shared by all threads (lock-protected idle list), capped at the
+   CPU count (at most 8; `MATHCTL_GRADER_WORKERS` overrides) or the `workers` asked for; each has a
+   2 GiB address-space limit (`MATHCTL_GRADER_WORKER_MEM_MB`), ignores SIGINT, and exits on EOF of its
+   stdin or when its parent dies (polled every second); all are stopped at interpreter exit. After
+   `os.fork()` the child drops the inherited pool (closing its copies of the pipes) and starts its own.
+   Worker verdicts are cached per (pred, gold) in the process (timeouts are not). Inputs deeper than 48
+   brackets, longer than 4096 characters or 2048 tokens are `unparsable` before any recursion, and
+   `RecursionError` is caught as a second line of defence.
 
-Reasons: `exact`, `numeric`, `identity`, `structure`, `symbolic` (True or False); `different` (word
-answers that differ, or a word answer against math), `unparsable`, `timeout`, `error` (a worker died or
-raised; always False).
+Reasons (`REASONS`): `exact`, `numeric`, `identity`, `structure`, `symbolic` (True or False);
+`different` (word answers that differ, or a word answer against math), `unparsable`, `timeout`,
+`error` (a worker died or sympy raised); the last four are always False. An empty answer is never
+equal to anything.
 
 `equivalent_many` runs stages 1-4 for every pair in this process, de-duplicates the leftovers and sends
 them to up to `workers` worker processes in parallel, each pair under its own `timeout_s`.
 
-Not covered (honest list): percent vs fraction (`50\\%` is 50, not 0.5); unit conversion; mixed numbers
-other than `<int>\\frac{<int>}{<int>}`; merging of adjacent intervals; set-builder notation, `\\mathbb{R}`
-vs `(-\\infty,\\infty)`, complements; `\\approx`; derivatives, integrals, sums, limits, `\\pmod`,
-`\\gcd`; function notation `f(x) = ...` on the left (compared as an equation in `f` and `x`);
-`\\log` without base is the natural log (as in sympy), not base 10; odd roots `\\sqrt[3]{x}` of a
-variable use the principal (complex) branch, so `\\sqrt[3]{x^3}` != `x`; bare words of three or more
-letters (`xyz`) are text, not products; lists longer than 30 items are not matched; Windows (the
-worker protocol uses `select` on pipes: POSIX only).
+Not covered (honest list): percentages vs fractions (`50\%` is 50, not 0.5) and degrees vs radians;
+unit conversion, and unit words outside `\text{}` other than after a plain number; repeating decimals
+(`0.\overline{3}`); numbers in other bases (`2516_8` only matches itself); mixed numbers other than
+`<int>\frac{<int>}{<int>}`; merging of adjacent intervals; set-builder notation, `\mathbb{R}` vs
+`(-\infty,\infty)`, complements; `\approx`; derivatives, integrals, sums, limits, `\pmod`, `\gcd`;
+function notation `f(x) = ...` (compared as an equation in `f` and `x`); `\log` without a base is the
+natural log (as in sympy), not base 10; odd roots of variables use the principal branch
+(`\sqrt[3]{x^3}` != `x`); runs of 3+ letters (`xyz`) are words, not products, and letter runs of 2+
+are case-insensitive (`AB` == `ab`); prose answers only match (near-)verbatim; lists longer than 30
+items are not matched; the float probe and the sympy point test are probabilistic (false verdicts need
+expressions that agree at all sample points, e.g. piecewise functions); POSIX only (`select` on pipes).
 """
 
 from __future__ import annotations
 
 import atexit
 import cmath
+import decimal
 import math
 import os
 import pickle
@@ -137,7 +163,7 @@ MAX_FACTORIAL = 2000
 MAX_UNORDERED = 30  # items in one unordered list/set that we try to match
 WORKER_MAX_BITS = 1 << 24  # largest exact power sympy may compute in the worker
 _STARTUP_S = 60.0  # a worker that is not ready by then counts as broken
-_IDENTITY_POINTS = 3
+_IDENTITY_POINTS = 3  # agreeing random points for `identity` (each: false-equal chance ~deg/2^61)
 
 # ----------------------------------------------------------------------------------------------- errors
 
@@ -274,14 +300,18 @@ def _after_number(before: str) -> bool:
     return bool(b) and (b[-1] in "0123456789})]." or b.endswith(("\\pi", "\\infty")))
 
 
+def _brace_frac(m: re.Match) -> str:
+    num = m.group(2) if m.group(2) is not None else m.group(3)
+    den = m.group(4) if m.group(4) is not None else m.group(5)
+    return f"\\{m.group(1)}{{{num}}}{{{den}}}"
+
+
 def _shorthand(s: str) -> str:
     """TeX one-token arguments and scripts get braces: `\\frac58`, `\\sqrt2`, `2516_8`, `10^-3`."""
     if "\\frac" in s or "\\binom" in s:
-        s = _SHORT_FRAC_RE.sub(lambda m: "\\%s{%s}{%s}" % (m.group(1), m.group(2) if m.group(2) is not None
-                                                              else m.group(3), m.group(4) if m.group(4)
-                                                              is not None else m.group(5)), s)
+        s = _SHORT_FRAC_RE.sub(_brace_frac, s)
     if "\\sqrt" in s:
-        s = _SHORT_SQRT_RE.sub(lambda m: "\\sqrt%s{%s}" % (m.group(1) or "", m.group(2)), s)
+        s = _SHORT_SQRT_RE.sub(lambda m: f"\\sqrt{m.group(1) or ''}{{{m.group(2)}}}", s)
     if "_" in s or "^" in s:
         s = _SCRIPT_RE.sub(r"\1{\2}", s)
     return s
@@ -301,20 +331,20 @@ def _squeeze_ws(s: str) -> str:
 @lru_cache(maxsize=1 << 16)
 def _clean(s: str) -> str:
     """Cheap canonical spelling; idempotent. Long inputs are only stripped (they will not be parsed)."""
-    s = s.strip()
     if len(s) > MAX_CHARS:
-        return s
+        return s.strip()
     if not s.isprintable():  # JSON turned `\\frac` into form feed + `rac`, `\\neq` into newline + `eq`, ...
-        s = _CONTROL_RE.sub(lambda m: _CONTROL[m.group(0)], s).strip()
+        s = _CONTROL_RE.sub(lambda m: _CONTROL[m.group(0)], s)
+    s = s.strip()
     if not s.isascii():
         s = s.translate(_UNICODE)
-    m = _LABEL_RE.fullmatch(s)
-    if m:
-        word = m.group(2).strip("( ").split(" ")[0].lower()
-        if m.group(2).startswith("(") or len(word) >= 3 and word not in _BARE_WORDS or word in _SHORT_UNITS:
-            s = m.group(1)
     if "$" in s:
-        s = s.replace("\\$", "").replace("$", "")
+        s = s.replace("\\$", "").replace("$", "").strip()
+    m = _LABEL_RE.fullmatch(s.rstrip(".,;:"))
+    if m:
+        word = m.group(2).strip("() ").split(" ")[0].lower()
+        if (len(word) >= 3 and word.replace("-", "").isalpha() and word not in _BARE_WORDS) or word in _SHORT_UNITS:
+            s = m.group(1)
     if s.startswith(("\\(", "\\[")) and s.endswith(("\\)", "\\]")):
         s = s[2:-2]
     if "\\" in s:
@@ -410,13 +440,14 @@ def _tokenize(s: str) -> list[tuple[str, str]]:
 #   ("neg", x)  ("/", a, b)  ("^", base, exp)  ("root", x, n)  ("f", name, x)  ("log", base|None, x)
 #   ("!", x)  ("binom", n, k)
 _EOF = ("eof", "")
-_ONE = ("n", Fraction(1), False)
 _TWO = ("n", Fraction(2), False)
 _NEG_ONE = ("n", Fraction(-1), False)
 _INF = ("c", "inf")
 
 
 def _num(text: str) -> tuple:
+    if text.isdigit() and len(text) <= MAX_LITERAL:
+        return ("n", Fraction(int(text)), False)
     if len(text) > MAX_LITERAL:
         raise _TooLarge(text[:20])
     low = text.lower()
@@ -1006,6 +1037,60 @@ def _ev_exact(node: tuple, env: dict) -> Fraction:
     raise _NotRational(tag)
 
 
+_P = (1 << 61) - 1  # a Mersenne prime: the identity test works in the field of integers mod _P
+
+
+def _ev_mod(node: tuple, env: dict) -> int:
+    """Value mod _P of a rational function at a point of residues (`\\pi`, `e` are indeterminates).
+    Raises _NotRational for anything else, _Undefined when a denominator vanishes."""
+    tag = node[0]
+    if tag == "n":
+        q = node[1]
+        if q.denominator == 1:
+            return q.numerator % _P
+        return q.numerator % _P * pow(q.denominator, -1, _P) % _P
+    if tag == "v":
+        return env[node[1]]
+    if tag == "c":
+        if node[1] in ("pi", "e"):
+            return env["\\" + node[1]]
+        raise _NotRational(node[1])
+    if tag == "neg":
+        return -_ev_mod(node[1], env) % _P
+    if tag == "+":
+        return sum(_ev_mod(t, env) for t in node[1]) % _P
+    if tag == "*":
+        acc = 1
+        for t in node[1]:
+            acc = acc * _ev_mod(t, env) % _P
+        return acc
+    if tag == "/":
+        b = _ev_mod(node[2], env)
+        if b == 0:
+            raise _Undefined("division by zero")
+        return _ev_mod(node[1], env) * pow(b, -1, _P) % _P
+    if tag == "^":
+        names, _, _, e = _meta(node[2])
+        if names or not isinstance(e, Fraction) or e.denominator != 1:
+            raise _NotRational("exponent")
+        b = _ev_mod(node[1], env)
+        n = e.numerator
+        if n < 0:
+            if b == 0:
+                raise _Undefined("0^-n")
+            b, n = pow(b, -1, _P), -n
+        return pow(b, n, _P)
+    names, consts, _, value = _meta(node)
+    if not names and not (consts & {"pi", "e"}) and isinstance(value, Fraction):
+        return _ev_mod(("n", value, False), env)  # e.g. \\sqrt{4}, 3!, \\log_2 8 inside a polynomial
+    raise _NotRational(tag)
+
+
+@lru_cache(maxsize=4096)
+def _mod_point(name: str, k: int) -> int:
+    return random.Random(f"m|{name}|{k}").randrange(2, _P - 1)
+
+
 @lru_cache(maxsize=4096)
 def _rat_point(name: str, k: int) -> Fraction:
     rng = random.Random(f"q|{name}|{k}")
@@ -1052,36 +1137,41 @@ def _frac_tol(rel_tol: float) -> Fraction:
     return Fraction(repr(rel_tol))  # 1e-4 -> exactly 1/10000
 
 
-def _point_env(names: list[str], k: int, exact: bool) -> dict:
-    if exact:
-        return {n: _rat_point(n, k) for n in names}
-    return {n: _float_point(n, k) for n in names}
+def _point_env(names: list[str], k: int, kind: str) -> dict:
+    point = {"mod": _mod_point, "exact": _rat_point, "float": _float_point}[kind]
+    return {n: point(n, k) for n in names}
+
+
+def _indeterminates(*metas: tuple) -> list[str]:
+    names: set[str] = set()
+    for m in metas:
+        names |= m[0] | {"\\" + c for c in m[1] & {"pi", "e"}}
+    return sorted(names)
 
 
 def _identity(a: tuple, b: tuple) -> bool | None:
-    """Exact rational-function identity test (see docstring); None when not applicable."""
-    ma, mb = _meta(a), _meta(b)
-    names = sorted(ma[0] | mb[0] | {"\\" + c for c in (ma[1] | mb[1]) & {"pi", "e"}})
+    """Rational-function identity test mod _P at random points (see docstring); None when n/a."""
+    names = _indeterminates(_meta(a), _meta(b))
     agree = 0
     try:
         for k in range(3 * _IDENTITY_POINTS):
-            env = _point_env(names, k, True)
+            env = _point_env(names, k, "mod")
             try:
-                va, vb = _ev_exact(a, env), _ev_exact(b, env)
-            except (_Undefined, ZeroDivisionError):
+                va, vb = _ev_mod(a, env), _ev_mod(b, env)
+            except _Undefined:
                 continue
             if va != vb:
                 return False
             agree += 1
             if agree >= _IDENTITY_POINTS:
                 return True
-    except (_NotRational, _TooLarge, OverflowError, RecursionError):
+    except (_NotRational, RecursionError, ValueError):  # ValueError: a literal's denominator divisible by _P
         return None
     return None
 
 
 def _probe_values(a: tuple, b: tuple, k: int, names: list[str]) -> tuple[complex, complex] | None:
-    env = _point_env(names, k, False)
+    env = _point_env(names, k, "float")
     try:
         va, vb = complex(_to_c(_ev(a, env))), complex(_to_c(_ev(b, env)))
     except _EVAL_ERRORS:
@@ -1107,13 +1197,68 @@ def _probe_differs(a: tuple, b: tuple) -> bool:
     return False
 
 
+# Huge closed forms (beyond MAX_BITS): 40 significant digits with an exponent range of 10^15 tell
+# `(3^{2019}-1)^{2018}` from `(2^{2019}-1)^{2018}` in microseconds. Used only to prove a difference.
+_BIG = decimal.Context(prec=40, Emax=10 ** 15, Emin=-10 ** 15,
+                       traps=[decimal.Overflow, decimal.Underflow, decimal.InvalidOperation, decimal.DivisionByZero])
+_BIG_CONSTS = {"pi": decimal.Decimal("3.14159265358979323846264338327950288419716939937511"),
+               "e": decimal.Decimal("2.71828182845904523536028747135266249775724709369996")}
+
+
+def _ev_big(node: tuple) -> decimal.Decimal:
+    c, tag = _BIG, node[0]
+    if tag == "n":
+        return c.divide(decimal.Decimal(node[1].numerator), decimal.Decimal(node[1].denominator))
+    if tag == "c" and node[1] in _BIG_CONSTS:
+        return _BIG_CONSTS[node[1]]
+    if tag == "neg":
+        return c.minus(_ev_big(node[1]))
+    if tag == "+":
+        vals = [_ev_big(t) for t in node[1]]
+        acc = decimal.Decimal(0)
+        for v in vals:
+            acc = c.add(acc, v)
+        biggest = max(c.abs(v) for v in vals)
+        if acc == 0 or c.multiply(biggest, decimal.Decimal("1e-10")) > c.abs(acc):
+            raise _Undefined("cancellation: 40 digits are not enough")
+        return acc
+    if tag == "*":
+        acc = decimal.Decimal(1)
+        for t in node[1]:
+            acc = c.multiply(acc, _ev_big(t))
+        return acc
+    if tag == "/":
+        return c.divide(_ev_big(node[1]), _ev_big(node[2]))
+    if tag in ("^", "root"):
+        x, e = _ev_big(node[1]), _ev_big(node[2])
+        if tag == "root":
+            if e != e.to_integral_value() or e < 1:
+                raise _Undefined("root index")
+            if x < 0 and c.remainder(e, 2) == 1:
+                return c.minus(c.power(c.minus(x), c.divide(1, e)))
+            e = c.divide(1, e)
+        if c.abs(e) > 10 ** 12 or (x < 0 and e != e.to_integral_value()):
+            raise _Undefined("exponent")  # errors grow with the exponent; complex results not handled
+        return c.power(x, e)
+    raise _Undefined(tag)
+
+
+def _big_differs(a: tuple, b: tuple) -> bool:
+    try:
+        x, y = _ev_big(a), _ev_big(b)
+        scale = max(_BIG.abs(x), _BIG.abs(y))
+        return scale > 0 and _BIG.abs(_BIG.subtract(x, y)) > _BIG.multiply(scale, decimal.Decimal("1e-25"))
+    except (decimal.DecimalException, _Undefined, RecursionError, ValueError, TypeError):
+        return False
+
+
 def _scalar_inproc(a: tuple, b: tuple, rel_tol: float) -> tuple[bool | None, str]:
     if a == b:
         return True, "exact"
     ma, mb = _meta(a), _meta(b)
     if not ma[0] and not mb[0]:
         if ma[3] is _NA or mb[3] is _NA:
-            return None, "symbolic"
+            return (False, "numeric") if _big_differs(a, b) else (None, "symbolic")
         r = _num_close(ma[3], mb[3], ma[2] or mb[2], rel_tol)
         return r, ("numeric" if r is not None else "symbolic")
     r = _identity(a, b)
@@ -1128,38 +1273,56 @@ def _diff(a: tuple, b: tuple) -> tuple:
     return ("+", (a, _neg(b)))
 
 
+def _prop_sign(d1: tuple, d2: tuple, names: list[str]) -> bool | None:
+    """Sign of the constant d1/d2 (known to be constant), from exact rationals at one point."""
+    for k in range(6):
+        env = _point_env(names, k, "exact")
+        try:
+            v1, v2 = _ev_exact(d1, env), _ev_exact(d2, env)
+        except (_Undefined, ZeroDivisionError):
+            continue
+        except (_NotRational, _TooLarge, OverflowError, RecursionError):
+            return None
+        if v1 != 0 and v2 != 0:
+            return (v1 > 0) == (v2 > 0)
+    return None
+
+
 def _prop_inproc(d1: tuple, d2: tuple, positive: bool) -> tuple[bool | None, str]:
     """Is d1 = k * d2 for a constant k != 0 (k > 0 when `positive`)?"""
     m1, m2 = _meta(d1), _meta(d2)
-    names = sorted(m1[0] | m2[0] | {"\\" + c for c in (m1[1] | m2[1]) & {"pi", "e"}})
+    names = _indeterminates(m1, m2)
     ratio = None
     valid = 0
     try:
         for k in range(3 * _IDENTITY_POINTS):
-            env = _point_env(names, k, True)
+            env = _point_env(names, k, "mod")
             try:
-                v1, v2 = _ev_exact(d1, env), _ev_exact(d2, env)
-            except (_Undefined, ZeroDivisionError):
+                v1, v2 = _ev_mod(d1, env), _ev_mod(d2, env)
+            except _Undefined:
                 continue
             if v1 == 0 or v2 == 0:
                 if v1 == v2:
                     continue
                 return False, "identity"
-            r = v1 / v2
+            r = v1 * pow(v2, -1, _P) % _P
             if ratio is None:
                 ratio = r
             elif r != ratio:
                 return False, "identity"
             valid += 1
             if valid >= _IDENTITY_POINTS:
-                return (ratio > 0 or not positive), "identity"
+                if not positive:
+                    return True, "identity"
+                sign = _prop_sign(d1, d2, names)
+                return (sign, "identity") if sign is not None else (None, "symbolic")
         return None, "symbolic"
-    except (_NotRational, _TooLarge, OverflowError, RecursionError):
+    except (_NotRational, RecursionError, ValueError):
         pass
     # float probe: clearly different ratios at two points disprove proportionality
     ratios = []
     for k in range(4):
-        vals = _probe_values(d1, d2, k, sorted(m1[0] | m2[0]))
+        vals = _probe_values(d1, d2, k, sorted(m1[0] | m2[0]))  # pi, e: real values here
         if vals is None or vals[1] == 0:
             continue
         ratios.append(vals[0] / vals[1])
@@ -1170,7 +1333,7 @@ def _prop_inproc(d1: tuple, d2: tuple, positive: bool) -> tuple[bool | None, str
 
 
 # ----------------------------------------------------------------------------------------- structure
-# Values: ("expr", tree) ("rel", ops, trees) ("text", key) ("bad", why) ("list", vals) ("set", vals)
+# Values: ("expr", tree) ("rel", ops, trees) ("text", key) ("bad", text or "") ("list", vals) ("set", vals)
 # ("tuple", vals) ("paren2", (a, b)) ("interval", left_closed, a_tree, b_tree, right_closed)
 # ("union", vals) ("matrix", rows)
 _OPEN = "([{⟨"
@@ -1213,7 +1376,7 @@ def _split_at(s: str, cuts: list[int]) -> list[str]:
 
 def _text_key(s: str) -> tuple:
     key = re.sub(r"[^0-9a-z]", "", s.lower())
-    return ("text", key) if key else ("bad", "empty")
+    return ("text", key) if key else ("bad", "")
 
 
 def _scalar_value(s: str) -> tuple:
@@ -1222,7 +1385,7 @@ def _scalar_value(s: str) -> tuple:
     except _Text:
         return _text_key(s)
     except (_Unparsable, _TooLarge, ValueError, ZeroDivisionError, IndexError):
-        return ("bad", "parse")
+        return ("bad", s)
 
 
 def _tree(s: str) -> tuple | None:
@@ -1233,18 +1396,18 @@ def _tree(s: str) -> tuple | None:
 @lru_cache(maxsize=1 << 16)
 def _analyze(s: str) -> tuple:
     if not s:
-        return ("bad", "empty")
+        return ("bad", "")
     if len(s) > MAX_CHARS:
-        return ("bad", "too long")
+        return ("bad", "")
     try:
         return _value(s, 0)
     except RecursionError:
-        return ("bad", "too deep")
+        return ("bad", "")
 
 
 def _value(s: str, level: int) -> tuple:
     if level > 6 or not s:
-        return ("bad", "empty" if not s else "nesting")
+        return ("bad", "")
     if s in ("∅", "\\{\\}", "{}"):
         return ("set", ())
     m = _IN_PREFIX_RE.match(s)
@@ -1254,27 +1417,27 @@ def _value(s: str, level: int) -> tuple:
         s = s.replace(",", "")
     if s.startswith("\\begin"):
         return _matrix(s, level)
-    if not (_STRUCT.intersection(s) or s[0] in _OPEN or s.startswith("\\{")):
-        if "(" not in s and "[" not in s and "{" not in s:
+    if not _STRUCT.intersection(s) and "(" not in s and "[" not in s and "⟨" not in s and "\\{" not in s:
+        if s.count("{") <= MAX_DEPTH:  # plain scalar and too few braces to nest deeper than the limit
             return _scalar_value(s)
     info = _scan(s)
     if info is None:
-        return ("bad", "unbalanced")
+        return ("bad", s)
     maxd, seps, first_zero = info
     if maxd > MAX_DEPTH:
-        return ("bad", "too deep")
+        return ("bad", "")
     commas = [i for i, ch in seps if ch in ",;"]
     if commas:
         parts = [p for p in _split_at(s, commas)]
         if any(not p for p in parts):
-            return ("bad", "empty item")
+            return ("bad", "")
         return ("list", tuple(_value(p, level + 1) for p in parts))
     n_pm = s.count("±") + s.count("∓")
     if n_pm == 1:  # a ± b -> {a + b, a - b}, also inside \\frac{1 \\pm \\sqrt{5}}{2}
         i = s.index("±") if "±" in s else s.index("∓")
         return ("list", (_value(s[:i] + "+" + s[i + 1:], level + 1), _value(s[:i] + "-" + s[i + 1:], level + 1)))
     if n_pm > 1:
-        return ("bad", "several ±")
+        return ("bad", s)
     unions = [i for i, ch in seps if ch == "∪"]
     if unions:
         return ("union", tuple(_value(p, level + 1) for p in _split_at(s, unions)))
@@ -1285,7 +1448,7 @@ def _value(s: str, level: int) -> tuple:
         if any(t is None for t in trees):
             if len(parts) == 2 and rels[0][1] == "=" and trees[0] is not None and trees[0][0] == "v":
                 return _value(parts[1], level + 1)  # `x = (1, 2)`: the assignment's value
-            return ("bad", "relation")
+            return ("bad", s)
         return ("rel", tuple(ch for _, ch in rels), tuple(trees))
     if s.startswith("\\{") and s.endswith("\\}") and first_zero == len(s) - 1:
         inner = s[2:-2]
@@ -1293,16 +1456,16 @@ def _value(s: str, level: int) -> tuple:
             return ("set", ())
         sub = _scan(inner)
         if sub is None:
-            return ("bad", "unbalanced")
+            return ("bad", s)
         items = _split_at(inner, [i for i, ch in sub[1] if ch in ",;"])
         if any(not p for p in items):
-            return ("bad", "empty item")
+            return ("bad", "")
         return ("set", tuple(_value(p, level + 1) for p in items))
     if s[0] in "([⟨" and first_zero == len(s) - 1 and s[-1] in ")]⟩":
         inner = s[1:-1]
         sub = _scan(inner)
         if sub is None:
-            return ("bad", "unbalanced")
+            return ("bad", s)
         cuts = [i for i, ch in sub[1] if ch in ",;"]
         if not cuts:
             if s[0] == "⟨":
@@ -1310,14 +1473,14 @@ def _value(s: str, level: int) -> tuple:
             return _value(inner, level)  # grouping only: `(x+1)`, `[\\begin{array}..]`, `((1,2))`
         items = _split_at(inner, cuts)
         if any(not p for p in items):
-            return ("bad", "empty item")
+            return ("bad", "")
         if s[0] == "⟨" or len(items) > 2:
             return ("tuple", tuple(_value(p, level + 1) for p in items))
         if s[0] == "(" and s[-1] == ")":
             return ("paren2", tuple(_value(p, level + 1) for p in items))
         a, b = _tree(items[0]), _tree(items[1])
         if a is None or b is None or s[-1] == "⟩":
-            return ("bad", "interval")
+            return ("bad", s)
         return ("interval", s[0] == "[", a, b, s[-1] == "]")
     return _scalar_value(s)
 
@@ -1325,14 +1488,14 @@ def _value(s: str, level: int) -> tuple:
 def _matrix(s: str, level: int) -> tuple:
     m = _MATRIX_RE.fullmatch(s)
     if not m:
-        return ("bad", "environment")
+        return ("bad", s)
     body = m.group(2).replace("\\hline", "")
     rows = [r for r in body.split("\\\\")]
     if rows and not rows[-1].strip():
         rows.pop()
     cells = [r.split("&") for r in rows]
     if not cells or any(len(r) != len(cells[0]) for r in cells):
-        return ("bad", "ragged matrix")
+        return ("bad", s)
     return ("matrix", tuple(tuple(_value(c.strip(), level + 1) for c in r) for r in cells))
 
 
@@ -1403,13 +1566,14 @@ def _matching(m: list[list[bool | None]], accept_unknown: bool) -> bool:
 
 
 def _unordered(a: tuple, b: tuple, o: _Oracle, multiset: bool) -> tuple[bool | None, str]:
+    """Match two collections regardless of order (sets: repeats ignored; multisets: a perfect matching)."""
     if multiset and len(a) != len(b):
         return False, "structure"
     if not a or not b:
         return (len(a) == len(b)), "structure"
     if len(a) > MAX_UNORDERED or len(b) > MAX_UNORDERED:
         return False, "structure"
-    m = [[_cmp(x, y, o)[0] for y in b] for x in a]
+    m = [[_cmp(x, y, o, True)[0] for y in b] for x in a]
     if multiset:
         if _matching(m, False):
             return True, "structure"
@@ -1424,6 +1588,7 @@ def _unordered(a: tuple, b: tuple, o: _Oracle, multiset: bool) -> tuple[bool | N
     return None, "structure"
 
 
+_LETTER_CONSTS = (("c", "e"), ("c", "i"))  # `e = \\frac{\\sqrt2}{2}` names an eccentricity
 _INEQ = {"<": (1, True), "≤": (1, False), ">": (-1, True), "≥": (-1, False)}
 
 
@@ -1446,11 +1611,17 @@ def _assignment(v: tuple) -> tuple | None:
     if v[1] != ("=",):
         return None
     lhs, rhs = v[2]
-    if lhs[0] == "v" and lhs[1] not in _meta(rhs)[0]:
+    if (lhs[0] == "v" and lhs[1] not in _meta(rhs)[0]) or lhs in _LETTER_CONSTS:
         return rhs
-    if rhs[0] == "v" and rhs[1] not in _meta(lhs)[0]:
+    if (rhs[0] == "v" and rhs[1] not in _meta(lhs)[0]) or rhs in _LETTER_CONSTS:
         return lhs
     return None
+
+
+def _assigned_name(v: tuple) -> str:
+    lhs, rhs = v[2]
+    side = lhs if (lhs[0] == "v" and lhs[1] not in _meta(rhs)[0]) or lhs in _LETTER_CONSTS else rhs
+    return str(side[1])
 
 
 def _rel_to_interval(v: tuple) -> tuple | None:
@@ -1491,7 +1662,7 @@ def _cmp_interval(p: tuple, g: tuple, o: _Oracle) -> tuple[bool | None, str]:
     return _all(o.scalar(x, y) for x, y in ((p[2], g[2]), (p[3], g[3])))
 
 
-def _rel_vs_rel(p: tuple, g: tuple, o: _Oracle) -> tuple[bool | None, str]:
+def _rel_vs_rel(p: tuple, g: tuple, o: _Oracle, nested: bool) -> tuple[bool | None, str]:
     np_, ng = _norm_ineq(p), _norm_ineq(g)
     no_vars = not any(_meta(t)[0] for t in p[2] + g[2])
     if np_ is not None and ng is not None:
@@ -1506,7 +1677,9 @@ def _rel_vs_rel(p: tuple, g: tuple, o: _Oracle) -> tuple[bool | None, str]:
     if len(p[1]) == 1 and not no_vars:
         ap, ag = _assignment(p), _assignment(g)
         if ap is not None and ag is not None and not _meta(ap)[0] and not _meta(ag)[0]:
-            return o.scalar(ap, ag)  # x = 5 vs y = 5: both just say "5"
+            if nested and _assigned_name(p) != _assigned_name(g):
+                return False, "structure"  # in `x=1, y=2` the names matter
+            return o.scalar(ap, ag)  # a whole answer `x = 5` vs `y = 5`: both just say "5"
         return o.prop(_diff(*p[2]), _diff(*g[2]), False)
     return _all(o.scalar(a, b) for a, b in zip(p[2], g[2]))
 
@@ -1520,10 +1693,13 @@ def _as_union(v: tuple) -> tuple | None:
     return None
 
 
-def _cmp(p: tuple, g: tuple, o: _Oracle) -> tuple[bool | None, str]:
-    """Three-valued comparison of two analysed values: True / False / None (needs the worker)."""
+def _cmp(p: tuple, g: tuple, o: _Oracle, nested: bool = False) -> tuple[bool | None, str]:
+    """Three-valued comparison of two analysed values: True / False / None (needs the worker).
+    `nested`: p and g are items of a list/tuple/set/matrix."""
     kp, kg = p[0], g[0]
     if kp == "bad" or kg == "bad":
+        if p == g and p[1]:  # the same unparsable text: `Q(2,-2)`
+            return True, "exact"
         return False, "unparsable"
     if kp == "expr" and kg == "expr":
         return o.scalar(p[1], g[1])
@@ -1531,7 +1707,7 @@ def _cmp(p: tuple, g: tuple, o: _Oracle) -> tuple[bool | None, str]:
         return (True, "exact") if p == g else (False, "different")
     if kp == "rel" or kg == "rel":
         if kp == kg:
-            return _rel_vs_rel(p, g, o)
+            return _rel_vs_rel(p, g, o, nested)
         rel, other = (p, g) if kp == "rel" else (g, p)
         value = _assignment(rel)
         if value is not None:
@@ -1544,7 +1720,7 @@ def _cmp(p: tuple, g: tuple, o: _Oracle) -> tuple[bool | None, str]:
     if kp == "matrix" or kg == "matrix":
         if kp != kg or len(p[1]) != len(g[1]) or len(p[1][0]) != len(g[1][0]):
             return False, "structure"
-        return _all(_cmp(x, y, o) for rp, rg in zip(p[1], g[1]) for x, y in zip(rp, rg))
+        return _all(_cmp(x, y, o, True) for rp, rg in zip(p[1], g[1]) for x, y in zip(rp, rg))
     if kp == "union" or kg == "union":
         up, ug = _as_union(p), _as_union(g)
         if up is None or ug is None:
@@ -1566,7 +1742,7 @@ def _cmp(p: tuple, g: tuple, o: _Oracle) -> tuple[bool | None, str]:
             return False, "structure"
         if len(p[1]) != len(g[1]):
             return False, "structure"
-        return _all(_cmp(x, y, o) for x, y in zip(p[1], g[1]))
+        return _all(_cmp(x, y, o, True) for x, y in zip(p[1], g[1]))
     if kp == "list" and kg == "list":
         return _unordered(p[1], g[1], o, multiset=True)
     return False, "structure"
@@ -1646,9 +1822,9 @@ def equivalent(pred: str, gold: str, *, timeout_s: float = 1.0, rel_tol: float =
 
 def equivalent_many(pairs: list[tuple[str, str]], *, timeout_s: float = 1.0, rel_tol: float = 1e-4,
                     workers: int | None = None) -> list[tuple[bool, str]]:
-    """`equivalent` for many (pred, gold) pairs: cheap stages here, the symbolic leftovers (deduplicated)
-    in up to `workers` worker processes at once (None: the CPU count, at most 8), each pair under
-    its own `timeout_s`."""
+    """`equivalent` for many (pred, gold) pairs, same verdicts: the cheap stages run here, the symbolic
+    leftovers (deduplicated) in up to `workers` worker processes at once (None: the CPU count, at most
+    8; 0 or 1: one at a time), each pair under its own `timeout_s`."""
     out: list[tuple[bool, str] | None] = [None] * len(pairs)
     pending: dict[tuple, list[int]] = {}
     states: dict[tuple, _Pending] = {}
@@ -1671,8 +1847,8 @@ def equivalent_many(pairs: list[tuple[str, str]], *, timeout_s: float = 1.0, rel
         if timeout_s <= 0:
             results: list = ["timeout"] * len(keys)
         else:
-            results = pool.run([states[k].oracle.tasks for k in keys], timeout_s,
-                               workers if workers and workers > 0 else _default_workers(), rel_tol)
+            parallel = _default_workers() if workers is None else max(1, workers)
+            results = pool.run([states[k].oracle.tasks for k in keys], timeout_s, parallel, rel_tol)
         for key, ans in zip(keys, results):
             res = _finish(states[key], ans)
             pool.cache_put(key, res)
@@ -1731,12 +1907,8 @@ def _to_sympy(node: tuple, sp: Any) -> Any:
         return _to_sympy(node[1], sp) / _to_sympy(node[2], sp)
     if tag == "^":
         b, e = _to_sympy(node[1], sp), _to_sympy(node[2], sp)
-        if b.is_Rational and e.is_Integer and abs(e) > 1 and b not in (0, 1, -1):
-            bits = max(int(b.p).bit_length(), int(b.q).bit_length())
-            if bits * abs(int(e)) > WORKER_MAX_BITS:
-                raise _TooLarge("power")
-        if e.is_Integer and abs(e) > 10 ** 5 and b.is_number and not b.is_Rational:
-            raise _TooLarge("power")  # sqrt(2)^(10^9) would expand to 2^(5*10^8)
+        if e.is_Rational and _expanded_bits(b, sp) * abs(e) > WORKER_MAX_BITS:
+            raise _TooLarge("power")  # sympy would expand it: 9^(9^9), sqrt(2)^(10^9) = 2^(5*10^8)
         return sp.Pow(b, e)
     if tag == "root":
         x, n = _to_sympy(node[1], sp), _to_sympy(node[2], sp)
@@ -1759,6 +1931,19 @@ def _to_sympy(node: tuple, sp: Any) -> Any:
             raise _TooLarge(tag)
         return sp.factorial(args[0]) if tag == "!" else sp.binomial(args[0], args[1])
     raise _Unparsable(tag)
+
+
+def _expanded_bits(b: Any, sp: Any) -> int:
+    """Bits of the rational numbers that sympy multiplies out when `b` is raised to a rational power:
+    the rational factors of `b` and the bases of its rational powers (`2*sqrt(3)`), weighted."""
+    bits = 0
+    for f in sp.Mul.make_args(b):
+        if f.is_Rational and f not in (0, 1, -1):
+            bits += max(int(f.p).bit_length(), int(f.q).bit_length())
+        elif f.is_Pow and f.base.is_Rational and f.exp.is_Rational and f.base not in (0, 1, -1):
+            size = max(int(f.base.p).bit_length(), int(f.base.q).bit_length())
+            bits += int(size * abs(f.exp)) + 1
+    return bits
 
 
 @lru_cache(maxsize=1024)

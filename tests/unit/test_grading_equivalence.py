@@ -111,6 +111,9 @@ CASES: list[tuple[str, str, bool]] = [
     ("x^2+y^2=1", "x^2+y^2=2", False),
     ("x=3", "3", True),  # an assignment equals its value
     ("x=3", "y=3", True),  # as after normalisation (both become 3)
+    ("x=1,y=2", "y=2,x=1", True),
+    ("x=1,y=2", "x=2,y=1", False),  # inside a list the names matter
+    ("e=\\frac{\\sqrt2}{2}", "\\frac{\\sqrt{2}}{2}", True),  # `e =` names an eccentricity here
     ("x>2", "2<x", True),
     ("x>2", "2x>4", True),  # positive factor
     ("-x<-2", "x>2", True),  # multiplying by -1 flips the inequality
@@ -199,6 +202,7 @@ def test_batch_agrees_with_single_calls():
     pairs = [(p, g) for p, g, _ in CASES]
     assert equivalent_many(pairs) == [equivalent(p, g) for p, g in pairs]
     assert [ok for ok, _ in equivalent_many(pairs, workers=1)] == [want for _, _, want in CASES]
+    assert [ok for ok, _ in equivalent_many(pairs, workers=0)] == [want for _, _, want in CASES]
     assert equivalent_many([]) == []
 
 
@@ -224,13 +228,30 @@ def test_rel_tol_is_a_parameter():
     assert equivalent("3.1", "\\pi", rel_tol=0.02)[0]
 
 
-def test_raw_and_normalised_inputs():
-    # normalize_answer's spellings (\\leq, braced scripts, lower-cased words) parse as well as raw LaTeX
-    assert equivalent("x\\leq3", "x \\le 3")[0]
-    assert equivalent("x^{2}+1", "x^2+1")[0]
-    assert equivalent("\\left( 1, 2 \\right)", "(1,2)")[0]
-    assert equivalent("\\boxed{\\dfrac{1}{2}}", "0.5")[0]
-    assert equivalent("1\\,000", "1000")[0]
+@pytest.mark.parametrize("raw,normalised", [
+    # normalize_answer's spellings against raw LaTeX: both are accepted
+    ("x \\le 3", "x\\leq3"),
+    ("x^2+1", "x^{2}+1"),
+    ("\\left( 1, 2 \\right)", "(1,2)"),
+    ("\\boxed{\\dfrac{1}{2}}", "0.5"),
+    ("1\\,000", "1000"),
+    ("14{,}916", "14916"),
+    ("270 (classrooms)", "270"),  # a word label after a number
+    ("27 \\mathrm{~min}", "27"),
+    ("2\\frac58", "2\\frac{5}{8}"),
+    ("2516_8", "2516_{8}"),  # a base-8 numeral: only matches itself
+    ("BC", "bc"),  # letter runs are lower-cased, as normalize_answer does
+    ("\\text{No}", "no"),
+    ("\\left[\\begin{array}{r}-55 \\\\ 13\\end{array}\\right]", "\\begin{pmatrix}-55\\\\13\\end{pmatrix}"),
+])
+def test_raw_and_normalised_inputs(raw, normalised):
+    assert equivalent(raw, normalised)[0], (raw, normalised)
+
+
+def test_json_damaged_commands_are_repaired():
+    assert equivalent("x \n" + "eq 0", "x\\neq 0")[0]  # `\\n` + `eq`: a JSON newline escape
+    assert equivalent("\x0c" + "rac{1}{2}", "0.5")[0]  # `\\f` + `rac`: a JSON form feed escape
+    assert not equivalent("2516_8", "1358")[0]
 
 
 # ------------------------------------------------------------------------------------------ safety
@@ -251,6 +272,15 @@ def test_huge_powers_return_false_within_the_limit(pred, gold):
     (ok, reason), took = _timed(equivalent, pred, gold, timeout_s=1.0)
     assert ok is False
     assert took < 1.5, (reason, took)
+
+
+def test_huge_numbers_are_told_apart_by_magnitude():
+    # 6-million-bit integers: too big to compute here, different in the first significant digits
+    (ok, reason), took = _timed(equivalent, "(3^{2019}-1)^{2018}", "(2^{2019}-1)^{2018}")
+    assert (ok, reason) == (False, "numeric") and took < 0.1
+    assert equivalent("2^{10^6}", "2^{10^6+1}") == (False, "numeric")
+    assert equivalent("2^{2^{20}}", "4^{2^{19}}") == (True, "symbolic")  # equal: sympy checks exactly
+    assert equivalent("(2^{10^6}+1)-2^{10^6}", "1")[0]  # cancellation: not decided by 40 digits
 
 
 def test_deep_nesting_and_huge_inputs():
