@@ -477,10 +477,13 @@ def _strip_equation_sides(s: str) -> str:
     m = _IN_RE.fullmatch(s)
     if m is not None:
         return m.group(1).strip()
-    items = []
-    for item in _split_top_level(s):
-        m = _EQ_RE.fullmatch(item)
-        items.append(m.group(1).strip() if m is not None and _is_constant(m.group(1)) else item)
+    parts = _split_top_level(s)
+    matches = [_EQ_RE.fullmatch(item) for item in parts]
+    # names in a list carry meaning when they differ (`x=1,y=2` is not `x=2,y=1`): keep them then
+    names = {item.split("=", 1)[0].strip() for item, m in zip(parts, matches) if m is not None}
+    if len(parts) > 1 and len(names) > 1:
+        return s
+    items = [m.group(1).strip() if m is not None and _is_constant(m.group(1)) else item for item, m in zip(parts, matches)]
     return ",".join(items)
 
 
