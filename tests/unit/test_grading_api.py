@@ -26,6 +26,13 @@ def test_grade_reports_what_it_saw():
         ("\\boxed{3}", ["0.5", "1/2"], False),
         ("\\boxed{x=1,y=2}", "x=2,y=1", False),  # names in a list carry meaning
         ("\\boxed{x=1, x=2}", "2,1", True),  # the same name twice: just the values, unordered
+        # Disagreements with math-verify found by bench/grader.py (collegemath golds, one coefficient
+        # changed); math-verify accepts them because it compares only part of the answer (the last
+        # equation's right side / the first parsed expression). They differ, so mathctl is right:
+        ("\\boxed{40 \\cos \\left(\\frac{20}{180} \\pi\\right) 100=3758.8}",
+         "$50 \\cos \\left(\\frac{20}{180} \\pi\\right) 100=3758.8$", False),
+        ("\\boxed{$y_{1}=x-5 x^{3}+x^{5}$ $y_{2}=y_{1} \\ln x+6 x^{3}-3 x^{5}$}",
+         "$y_{1}=x-4 x^{3}+x^{5}$\n$y_{2}=y_{1} \\ln x+6 x^{3}-3 x^{5}$", False),
     ],
 )
 def test_gold_forms(response, gold, correct):
