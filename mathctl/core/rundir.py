@@ -212,6 +212,7 @@ class RunDir:
         os.replace(tmp, final)
         if keep_last:
             for old in self.complete_checkpoints()[:-keep_last]:
+                (old / COMPLETE_MARKER).unlink(missing_ok=True)  # first: a half-deleted folder is never "complete"
                 shutil.rmtree(old, ignore_errors=True)
         return final
 

@@ -271,13 +271,13 @@ def _timed(fn, *args, **kwargs):
 def test_huge_powers_return_false_within_the_limit(pred, gold):
     (ok, reason), took = _timed(equivalent, pred, gold, timeout_s=1.0)
     assert ok is False
-    assert took < 1.5, (reason, took)
+    assert took < 4.0, (reason, took)  # bounds here say "never hangs", with room for a loaded CI machine
 
 
 def test_huge_numbers_are_told_apart_by_magnitude():
     # 6-million-bit integers: too big to compute here, different in the first significant digits
     (ok, reason), took = _timed(equivalent, "(3^{2019}-1)^{2018}", "(2^{2019}-1)^{2018}")
-    assert (ok, reason) == (False, "numeric") and took < 0.1
+    assert (ok, reason) == (False, "numeric") and took < 1.0
     assert equivalent("2^{10^6}", "2^{10^6+1}") == (False, "numeric")
     assert equivalent("2^{2^{20}}", "4^{2^{19}}") == (True, "symbolic")  # equal: sympy checks exactly
     assert equivalent("(2^{10^6}+1)-2^{10^6}", "1")[0]  # cancellation: not decided by 40 digits
@@ -286,22 +286,22 @@ def test_huge_numbers_are_told_apart_by_magnitude():
 def test_deep_nesting_and_huge_inputs():
     nested = "\\frac{1}{" * 500 + "2" + "}" * 500
     (ok, reason), took = _timed(equivalent, nested, "2")
-    assert (ok, reason) == (False, "unparsable") and took < 0.5
+    assert (ok, reason) == (False, "unparsable") and took < 2.0
     assert equivalent(nested, nested) == (True, "exact")
     parens = "(" * 500 + "x" + ")" * 500
     assert equivalent(parens, "x")[0] is False
     big = "1" * 100_000
     (ok, _), took = _timed(equivalent, big, "1")
-    assert ok is False and took < 0.5
+    assert ok is False and took < 2.0
     (ok, _), took = _timed(equivalent, "x+" * 40_000 + "1", "1")
-    assert ok is False and took < 0.5
+    assert ok is False and took < 2.0
 
 
 def test_time_limit_kills_and_replaces_the_worker():
     pool = E._get_pool()
     (result,), took = _timed(pool.run, [[("_sleep", 30.0)]], 0.3, 1, 1e-4)
     assert result == "timeout"
-    assert took < 0.3 + 0.5
+    assert took < 0.3 + 2.5
     # a batch: every job has its own deadline; the fast one is not held up
     results, took = _timed(pool.run, [[("_sleep", 30.0)], [("_sleep", 0.0)], [("_sleep", 30.0)]], 0.5, 3, 1e-4)
     assert results[0] == results[2] == "timeout"

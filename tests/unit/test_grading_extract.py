@@ -168,7 +168,7 @@ def test_pathological_inputs_are_fast(name, text):
     start = time.perf_counter()
     extract_answer(text)
     extract_boxed_all(text)
-    assert time.perf_counter() - start < 1.0, name
+    assert time.perf_counter() - start < 3.0, name
 
 
 def test_nested_boxes_give_outer_content():

@@ -351,7 +351,7 @@ def test_pathological_inputs_are_fast(name):
         start = time.perf_counter()
         result = normalize_answer(text)
         assert isinstance(result, str)
-        assert time.perf_counter() - start < 1.0, (name, n)
+        assert time.perf_counter() - start < 3.0, (name, n)
 
 
 def test_random_garbage_never_raises():
