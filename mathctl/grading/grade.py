@@ -82,10 +82,9 @@ def grade_batch(responses: Sequence[str], golds: Sequence[Gold], *, timeout_s: f
             owners.append(i)
     verdicts = equivalent_many(pairs, timeout_s=timeout_s, workers=workers) if pairs else []
     best: dict[int, tuple[bool, str]] = {}
-    for owner, (ok, reason) in zip(owners, verdicts):
-        if ok or owner not in best:
-            if not (owner in best and best[owner][0]):
-                best[owner] = (ok, reason)
+    for owner, (ok, reason) in zip(owners, verdicts):  # any accepted alternative wins
+        if owner not in best or (ok and not best[owner][0]):
+            best[owner] = (ok, reason)
     grades = []
     for i, (raw, pred) in enumerate(zip(extracted, pred_norms)):
         if raw is None or not pred:
