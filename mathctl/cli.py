@@ -112,11 +112,11 @@ def run_step(step: str, *, recipe: str | None, overrides: list[str] | None, alia
 
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = Path(cfg.output.root) / step / (cfg.output.name or f"{name}-{stamp}")
+    _quiet_libraries()
     model_spec = getattr(cfg, "model", None)
     if model_spec is not None and not slurm:
         from mathctl.models import resolve_model_path
 
-        _quiet_libraries()
         resolve_model_path(model_spec.path)  # a missing folder fails here, before a run folder exists
     run = RunDir.create(run_dir, recipe_yaml=resolved, step=step, resume=resume, seeds=cfg.seeds())
     log(f"run folder: {run.path}")
@@ -139,7 +139,6 @@ def run_step(step: str, *, recipe: str | None, overrides: list[str] | None, alia
         log(f"sbatch script: {script}")
         _emit(summary, as_json)
         return
-    _quiet_libraries()
     if launching.needs_launcher(cfg.launch):
         code = launching.launch_local(cfg.launch, run.recipe_path,
                                       user_error=lambda: bool(run.read_meta().get("error")))

@@ -457,6 +457,7 @@ def run(cfg: SFTConfig, run_dir: RunDir) -> dict[str, Any]:
     # --- data
     train_examples, eval_examples, stats = prepare_examples(cfg, tokenizer)
     plan = StepPlan(len(train_examples), cfg.train, dist.world, cfg.data.shuffle_seed)
+    target_counts = [count_targets([e]) for e in train_examples]  # once, not per step
     if dist.is_main:
         atomic_write_json(run_dir.path / "data_stats.json", stats)
     log(f"data: {stats['train_rows']} train rows, {stats['eval_rows']} held out, {stats['truncated']} truncated; "
@@ -528,7 +529,7 @@ def run(cfg: SFTConfig, run_dir: RunDir) -> dict[str, Any]:
         for step in range(start_step, plan.total_steps):
             micro = plan.micro_batches(step, dist.rank)
             # token-mean over the whole step: every rank counts the global batch's targets itself
-            global_targets = count_targets([train_examples[i] for i in plan.step_indices(step)])
+            global_targets = sum(target_counts[i] for i in plan.step_indices(step))
             step_loss = 0.0
             for indices in micro:
                 examples = [train_examples[i] for i in indices]

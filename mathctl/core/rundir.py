@@ -104,10 +104,9 @@ class RunDir:
                 cannot be written, or holds a different recipe than the one given on resume.
         """
         run = cls(path)
-        exists = run.path.exists() and any(run.path.iterdir()) if run.path.is_dir() else run.path.exists()
         if run.path.exists() and not run.path.is_dir():
             raise ConfigError(f"run folder {run.path} is a file", hint="choose another --run-dir")
-        if exists and not resume:
+        if run.path.is_dir() and any(run.path.iterdir()) and not resume:
             raise ConfigError(f"run folder {run.path} is not empty",
                               hint="pass --resume to continue that run, or choose another --run-dir")
         if resume and not run.recipe_path.is_file():

@@ -1149,17 +1149,23 @@ def _indeterminates(*metas: tuple) -> list[str]:
     return sorted(names)
 
 
+def _mod_values(a: tuple, b: tuple, names: list[str]):
+    """(a, b) evaluated mod _P at up to 3 * _IDENTITY_POINTS random points, skipping points where either
+    is undefined. _NotRational/RecursionError/ValueError propagate to the caller."""
+    for k in range(3 * _IDENTITY_POINTS):
+        env = _point_env(names, k, "mod")
+        try:
+            yield _ev_mod(a, env), _ev_mod(b, env)
+        except _Undefined:
+            continue
+
+
 def _identity(a: tuple, b: tuple) -> bool | None:
     """Rational-function identity test mod _P at random points (see docstring); None when n/a."""
     names = _indeterminates(_meta(a), _meta(b))
     agree = 0
     try:
-        for k in range(3 * _IDENTITY_POINTS):
-            env = _point_env(names, k, "mod")
-            try:
-                va, vb = _ev_mod(a, env), _ev_mod(b, env)
-            except _Undefined:
-                continue
+        for va, vb in _mod_values(a, b, names):
             if va != vb:
                 return False
             agree += 1
@@ -1295,12 +1301,7 @@ def _prop_inproc(d1: tuple, d2: tuple, positive: bool) -> tuple[bool | None, str
     ratio = None
     valid = 0
     try:
-        for k in range(3 * _IDENTITY_POINTS):
-            env = _point_env(names, k, "mod")
-            try:
-                v1, v2 = _ev_mod(d1, env), _ev_mod(d2, env)
-            except _Undefined:
-                continue
+        for v1, v2 in _mod_values(d1, d2, names):
             if v1 == 0 or v2 == 0:
                 if v1 == v2:
                     continue

@@ -87,9 +87,6 @@ def grade_batch(responses: Sequence[str], golds: Sequence[Gold], *, timeout_s: f
             best[owner] = (ok, reason)
     grades = []
     for i, (raw, pred) in enumerate(zip(extracted, pred_norms)):
-        if raw is None or not pred:
-            grades.append(Grade(False, raw, pred, gold_lists[i][0] if gold_lists[i] else "", "no_answer"))
-            continue
-        ok, reason = best[i]
+        ok, reason = best.get(i, (False, "no_answer"))  # no entry: nothing was extracted to compare
         grades.append(Grade(ok, raw, pred, gold_lists[i][0] if gold_lists[i] else "", reason))
     return grades
