@@ -17,6 +17,7 @@ import click
 import typer
 
 from mathctl import __version__
+from mathctl.benchmarks import BENCHMARKS
 from mathctl.core.errors import EXIT_BUG, EXIT_OK, EXIT_USER, ConfigError, MathctlError
 
 app = typer.Typer(
@@ -278,6 +279,96 @@ def grade(
 
     log(f"accuracy {summary['accuracy']:.4f} ({correct}/{len(rows)})")
     _emit(summary, json_out)
+
+
+@app.command("eval", help="Evaluate a model on math benchmarks: mathctl eval math500,aime2024 --model PATH. "
+             "Writes results.jsonl (appended as it goes; --resume skips finished problems) and summary.json. "
+             "`mathctl eval merge DIR... --run-dir OUT` combines the runs of --shard i/N. "
+             "Tasks: " + ", ".join(BENCHMARKS)
+             + ". Shipped recipes: " + _recipes_help("eval"))
+def eval_cmd(
+    tasks: str = typer.Argument(None, help="Comma-separated tasks (sets eval.tasks), or `merge` followed by shard folders.",
+                                show_default=False),
+    overrides: list[str] = OverridesArg,
+    recipe: str = RecipeOpt,
+    model: str = ModelOpt,
+    n: int = typer.Option(None, "--n", min=1, help="Samples per problem (eval.n)."),
+    temperature: float = typer.Option(None, "--temperature", min=0, help="Sampling temperature (eval.temperature)."),
+    top_p: float = typer.Option(None, "--top-p", help="Nucleus sampling mass (eval.top_p)."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="Tokens per sample (eval.max_new_tokens)."),
+    limit: int = typer.Option(None, "--limit", min=1, help="First N problems of each task (eval.limit)."),
+    data_dir: str = typer.Option(None, "--data-dir", help="Local benchmark folder, NAME/test.jsonl (eval.data_dir; "
+                                 "default $MATHCTL_DATA_DIR, else the hub)."),
+    shard: str = typer.Option(None, "--shard", help="i/N: evaluate every N-th problem from i (eval.shard)."),
+    min_score: float = typer.Option(None, "--min-score", help="Exit 3 if a task scores below this (eval.min_score)."),
+    backend: str = typer.Option(None, "--backend", help="auto, hf or vllm (engine.backend)."),
+    run_dir: Path = RunDirOpt,
+    resume: bool = ResumeOpt,
+    dry_run: bool = DryRunOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    from mathctl import evaluate
+    from mathctl.core.config import dump_yaml, load_recipe
+    from mathctl.core.console import log, print_table
+    from mathctl.core.rundir import RunDir
+
+    overrides = list(overrides or [])
+    if tasks is not None and "=" in tasks:  # `mathctl eval --recipe R key=value`: no task argument
+        overrides.insert(0, tasks)
+        tasks = None
+    if tasks == "merge":
+        if run_dir is None:
+            raise ConfigError("eval merge needs --run-dir for the merged results",
+                              hint="mathctl eval merge runs/eval/a-0 runs/eval/a-1 --run-dir runs/eval/a")
+        summary = evaluate.merge([Path(d) for d in overrides], run_dir, min_score=min_score)
+        print_table(evaluate.render_table(summary))
+        _emit(summary, json_out)
+        evaluate.check_gate(summary)
+        return
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    aliases = {"model.path": model, "eval.tasks": task_list, "eval.n": n, "eval.temperature": temperature,
+               "eval.top_p": top_p, "eval.max_new_tokens": max_new_tokens, "eval.limit": limit,
+               "eval.data_dir": data_dir, "eval.shard": shard, "eval.min_score": min_score, "engine.backend": backend}
+    if resume and recipe is None and not overrides and all(v is None for v in aliases.values()):
+        if run_dir is None:
+            raise ConfigError("--resume needs --run-dir", hint="mathctl eval --resume --run-dir runs/eval/NAME")
+        recipe = str(run_dir / "recipe.yaml")
+        if not Path(recipe).is_file():
+            raise ConfigError(f"cannot resume: {run_dir} holds no recipe.yaml", hint="point --run-dir at an earlier eval's folder")
+    if recipe is None and model is None and not any(o.startswith("model.path=") for o in overrides):
+        raise ConfigError("mathctl eval needs a model", hint="mathctl eval math500 --model PATH_OR_HUB_ID (or tiny:qwen2-tiny)")
+    cfg, name = load_recipe("eval", evaluate.EvalConfig, recipe, overrides, aliases)
+    if dry_run:
+        if json_out:
+            _emit({"status": "valid", "step": "eval", "recipe": cfg.model_dump(mode="json")}, True)
+        else:
+            sys.stdout.write(dump_yaml(cfg))
+        return
+    _quiet_libraries()
+    from mathctl.models import resolve_model_path
+
+    resolve_model_path(cfg.model.path)
+    problems = evaluate.load_tasks(cfg)  # unknown files fail here, before a run folder exists
+    if run_dir is None:
+        import datetime as _dt
+        import re as _re
+
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        label = _re.sub(r"[^A-Za-z0-9._-]+", "-", Path(cfg.model.path.rstrip("/")).name or cfg.model.path).strip("-")
+        run_dir = Path(cfg.output.root) / "eval" / (cfg.output.name or f"{label}-{stamp}")
+    run = RunDir.create(run_dir, recipe_yaml=dump_yaml(cfg), step="eval", resume=resume, seeds=cfg.seeds())
+    log(f"run folder: {run.path}")
+    try:
+        summary = evaluate.run(cfg, run, problems=problems)
+    except MathctlError as exc:
+        run.update_meta(status="failed", error=exc.message)
+        raise
+    except BaseException:
+        run.update_meta(status="failed")
+        raise
+    print_table(evaluate.render_table(summary))
+    _emit(summary, json_out)
+    evaluate.check_gate(summary)
 
 
 # --- entry point ----------------------------------------------------------------------------

@@ -214,7 +214,9 @@ def resolve_model_path(path: str) -> str:
     return path  # a hub id: from_pretrained fetches it (or reads the local hub cache)
 
 
-def load_tokenizer(spec: ModelSpec):
+def load_tokenizer(spec: ModelSpec, *, require_chat_template: bool = True):
+    """The tokenizer of `spec` with its chat template resolved and installed. Without
+    `require_chat_template`, a tokenizer lacking its own template keeps none (raw prompts only)."""
     from transformers import AutoTokenizer
 
     name = resolve_model_path(spec.tokenizer or spec.path)
@@ -225,7 +227,8 @@ def load_tokenizer(spec: ModelSpec):
                               hint="give a local folder, or make the hub reachable (HF_HUB_OFFLINE unset, a token for gated models)") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    resolve_chat_template(spec, tokenizer)
+    if require_chat_template or spec.chat_template != "tokenizer" or getattr(tokenizer, "chat_template", None):
+        resolve_chat_template(spec, tokenizer)
     return tokenizer
 
 

@@ -64,3 +64,22 @@ def quick_overrides(model: Path, *extra: str) -> list[str]:
         "train.warmup_steps=0", "train.log_every_steps=1", "train.eval_every_steps=3", "output.save_every_steps=3",
         *extra,
     ]
+
+
+@pytest.fixture(scope="session")
+def lively_model(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model with its matrices perturbed, so greedy decoding varies from token to token
+    (a fresh random tiny model repeats one token, which hides ordering and padding bugs)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.15)
+    out = tmp_path_factory.mktemp("lively") / "model"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return out

@@ -339,3 +339,40 @@ class LoraSpec(Strict):
     alpha: int = Field(32, ge=1, description="Scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: list[str] | str = Field("all-linear", description="Module names, or all-linear.")
+
+
+class SamplingConfig(Strict):
+    """How an engine samples: the same settings on the transformers and vLLM engines."""
+
+    n: int = Field(1, ge=1, description="Completions per prompt.")
+    temperature: float = Field(0.0, ge=0, description="0 is greedy decoding.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1 disables it).")
+    top_k: int | None = Field(None, ge=1, description="Sample among the k most likely tokens (null disables it).")
+    max_new_tokens: int = Field(1024, ge=1, description="Tokens generated at most per completion.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings; the text is cut before the first one.")
+    include_stop_str: bool = Field(False, description="Keep the matched stop string at the end of the text.")
+    seed: int | None = Field(
+        0, description="Sampling seed. Each completion's randomness depends only on (seed, prompt seed, its "
+        "index), not on batching, so a resumed run draws the same samples; null draws from the global RNG.",
+    )
+    logprobs: bool = Field(False, description="Return the log-probability of every generated token "
+                           "(under the temperature-scaled distribution, before top-p/top-k).")
+
+
+class EngineConfig(Strict):
+    """Which inference engine generates, and its resources."""
+
+    backend: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="hf: transformers batched generation (CPU or GPU); vllm: vLLM (GPU, `pip install "
+        "'mathctl[gpu]'`); auto: vllm when it imports and a GPU is present, else hf.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights and compute dtype; auto: bfloat16 on GPU, float32 on CPU.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="hf engine device; auto: cuda when present.")
+    batch_size: int = Field(64, ge=1, description="hf: sequences decoded together (prompts sorted by length).")
+    max_model_len: int | None = Field(
+        None, ge=1, description="Prompt plus completion tokens at most; default: the model's context length.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one model is split over.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of GPU memory it may take.")
+    enable_prefix_caching: bool = Field(True, description="vllm: reuse the KV cache of shared prompt prefixes.")
+    enforce_eager: bool = Field(False, description="vllm: skip CUDA graphs (slower, less memory, faster start).")

@@ -71,3 +71,11 @@ def progress(description: str, total: int | None, *, enabled: bool = True):
             bar.update(task, advance=n, info=info)
 
         yield advance
+
+
+def print_table(table) -> None:
+    """A rich table on stderr; piped or captured output gets a wide line instead of squeezed columns."""
+    if console.is_terminal:
+        console.print(table)
+    else:
+        Console(stderr=True, highlight=False, width=max(console.width, 160)).print(table)

@@ -1,0 +1,498 @@
+"""`mathctl eval`: generate answers to benchmark problems, grade them, and score the model.
+
+Flow per task: load the problems (local file or hub), keep this shard's share, skip the problems
+already in `results.jsonl` (resume), then in chunks of `eval.chunk_problems`: one engine call for
+the chunk, one grading call for its samples, and one appended `results.jsonl` line per problem.
+`summary.json` is computed from `results.jsonl` alone, so resuming, merging shards and re-scoring
+all go through the same function.
+
+Metrics per task (n samples per problem, c of them correct):
+- `score`: the mean of c/n over problems; reported as `accuracy` when n == 1 and as `avg@n` else.
+- `pass@k`: the unbiased estimator 1 - C(n-c, k) / C(n, k), averaged over problems (k <= n).
+- `maj@k`: majority vote over the first k samples' normalised answers; samples without an answer
+  do not vote; a tie goes to the answer reached first; no answer at all counts as wrong.
+- `bon@k` (best of k), when samples carry a reward-model `score`: the highest-scored of the first
+  k samples decides (ties: the earliest).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from mathctl.core.config import EngineConfig, ModelSpec, OutputConfig, SamplingConfig, Strict
+from mathctl.core.errors import ConfigError, DataError, GateFailed
+from mathctl.core.rundir import RunDir
+
+RESULTS = "results.jsonl"
+
+
+# --- config -----------------------------------------------------------------------------------
+
+
+class TaskSettings(Strict):
+    """Per-task settings; each one left null keeps the task's default."""
+
+    prompt: str | None = Field(None, description="Prompt template with a {problem} placeholder.")
+    n: int | None = Field(None, ge=1, description="Samples per problem.")
+    temperature: float | None = Field(None, ge=0, description="Sampling temperature (0: greedy).")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int | None = Field(None, ge=1, description="Top-k sampling.")
+    max_new_tokens: int | None = Field(None, ge=1, description="Tokens per sample at most.")
+
+
+class EvalSection(TaskSettings):
+    """What to evaluate and how. Sampling keys set here apply to every task (over task defaults);
+    `per_task.NAME.KEY` overrides them for one task."""
+
+    tasks: list[str] = Field(default_factory=list, description="Benchmarks, e.g. [math500, aime2024]; "
+                             "`mathctl eval TASK[,TASK]` sets it.")
+    data_dir: str | None = Field(None, description="Folder with local benchmark copies (NAME/test.jsonl); "
+                                 "default: $MATHCTL_DATA_DIR, else the hub.")
+    limit: int | None = Field(None, ge=1, description="Only the first N problems of each task.")
+    shard: str | None = Field(None, description="`i/N`: this machine's share of the problems (every N-th from i); "
+                              "merge the shards with `mathctl eval merge`.")
+    system_prompt: str | None = Field(None, description="A system message before the problem (chat format only).")
+    prompt_format: Literal["auto", "chat", "raw"] = Field(
+        "auto", description="chat: the prompt goes through the chat template; raw: it is sent as plain text; "
+        "auto: chat when the model has a chat template.")
+    stop: list[str] = Field(default_factory=list, description="Extra stop strings.")
+    seed: int = Field(0, description="Sampling seed; each problem's samples depend only on it and the problem.")
+    ks: list[int] | None = Field(None, description="k values of pass@k and maj@k; default: powers of two up to n.")
+    min_score: float | None = Field(None, ge=0, le=1, description="Exit 3 when a task's score is below this.")
+    chunk_problems: int = Field(64, ge=1, description="Problems per engine call (and per resume point).")
+    grading_timeout_s: float = Field(1.0, gt=0, description="Time limit of one symbolic equivalence check.")
+    per_task: dict[str, TaskSettings] = Field(default_factory=dict, description="Settings for one task, by name.")
+
+    @field_validator("shard")
+    @classmethod
+    def _shard(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_shard(value)
+        return value
+
+
+class EvalConfig(Strict):
+    """`mathctl eval`: recipe schema."""
+
+    step: Literal["eval"] = "eval"
+    model: ModelSpec
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        from mathctl.benchmarks import get_benchmark
+
+        unknown = []
+        for name in list(self.eval.tasks) + list(self.eval.per_task):
+            try:
+                get_benchmark(name)
+            except ConfigError:
+                unknown.append(name)
+        if unknown:
+            from mathctl.benchmarks import BENCHMARKS
+
+            raise ValueError(f"unknown eval task {', '.join(repr(u) for u in unknown)}; available: {', '.join(BENCHMARKS)}")
+        return self
+
+    def seeds(self) -> dict[str, int]:
+        return {"eval": self.eval.seed}
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"shard must look like i/N, e.g. 0/4 (got {text!r})") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"shard i/N needs 0 <= i < N (got {text!r})")
+    return i, n
+
+
+def task_sampling(cfg: EvalConfig, name: str) -> tuple[SamplingConfig, str]:
+    """The sampling and prompt template of one task: task default < eval.* < eval.per_task.NAME.*."""
+    from mathctl.benchmarks import get_benchmark
+
+    bench = get_benchmark(name)
+    values: dict[str, Any] = {"n": bench.sampling.n, "temperature": bench.sampling.temperature,
+                              "top_p": bench.sampling.top_p, "top_k": None,
+                              "max_new_tokens": bench.sampling.max_new_tokens, "prompt": bench.prompt}
+    layers = [cfg.eval] + [v for k, v in cfg.eval.per_task.items() if get_benchmark(k).name == bench.name]
+    for layer in layers:
+        for key in values:
+            value = getattr(layer, key)
+            if value is not None:
+                values[key] = value
+    prompt = values.pop("prompt")
+    sampling = SamplingConfig(**values, stop=list(cfg.eval.stop), seed=cfg.eval.seed)
+    return sampling, prompt
+
+
+def default_ks(n: int) -> list[int]:
+    ks = []
+    k = 1
+    while k <= n:
+        ks.append(k)
+        k *= 2
+    if ks[-1] != n:
+        ks.append(n)
+    return ks
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), computed as a stable product."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples (have {n})")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def majority_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
+    """Majority vote: the most frequent non-empty answer wins, ties go to the one reached first."""
+    counts: dict[str, int] = {}
+    first: dict[str, int] = {}
+    for i, answer in enumerate(answers):
+        if answer is None or answer == "":
+            continue
+        counts[answer] = counts.get(answer, 0) + 1
+        first.setdefault(answer, i)
+    if not counts:
+        return False
+    winner = max(counts, key=lambda a: (counts[a], -first[a]))
+    return bool(correct[first[winner]])
+
+
+def best_of_correct(scores: Sequence[float], correct: Sequence[bool]) -> bool:
+    """Best-of-k: the highest-scored sample decides; ties go to the earliest."""
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    return bool(correct[best])
+
+
+def summarize(records: list[dict[str, Any]], ks: Sequence[int] | None = None) -> dict[str, Any]:
+    """Scores of one task from its results.jsonl records."""
+    if not records:
+        return {"problems": 0, "score": 0.0}
+    n = min(len(r["samples"]) for r in records)
+    ks = sorted({k for k in (ks or default_ks(n)) if 1 <= k <= n}) or [1]
+    scores, passes, majs, bons = [], {k: [] for k in ks}, {k: [] for k in ks}, {k: [] for k in ks}
+    tokens = truncated = no_answer = 0
+    seconds = 0.0
+    has_scores = all("score" in s for r in records for s in r["samples"][:n])
+    for record in records:
+        samples = record["samples"][:n]
+        correct = [bool(s["correct"]) for s in samples]
+        c = sum(correct)
+        scores.append(c / n)
+        answers = [s.get("normalized") for s in samples]
+        for k in ks:
+            passes[k].append(pass_at_k(n, c, k))
+            majs[k].append(majority_correct(answers[:k], correct[:k]))
+            if has_scores:
+                bons[k].append(best_of_correct([s["score"] for s in samples[:k]], correct[:k]))
+        tokens += sum(int(s.get("num_tokens", 0)) for s in samples)
+        truncated += sum(s.get("finish_reason") == "length" for s in samples)
+        no_answer += sum(s.get("extracted") is None for s in samples)
+        seconds += float(record.get("seconds", 0.0))
+    problems = len(records)
+    score = sum(scores) / problems
+    out: dict[str, Any] = {"problems": problems, "n": n, "score": score}
+    out["accuracy" if n == 1 else f"avg@{n}"] = score
+    out["pass@k"] = {str(k): sum(v) / problems for k, v in passes.items()}
+    out["maj@k"] = {str(k): sum(v) / problems for k, v in majs.items()}
+    if has_scores:
+        out["bon@k"] = {str(k): sum(v) / problems for k, v in bons.items()}
+    samples_total = problems * n
+    out.update(correct_samples=sum(round(s * n) for s in scores), samples=samples_total, no_answer=no_answer,
+               truncated=truncated, generated_tokens=tokens, mean_tokens=tokens / samples_total,
+               seconds=round(seconds, 3), tokens_per_second=round(tokens / seconds, 1) if seconds > 0 else None)
+    return out
+
+
+# --- results file -----------------------------------------------------------------------------
+
+
+def read_results(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
+    """Records of results.jsonl. A last line cut by a kill is dropped (and, with `repair`, removed
+    from the file, so appending continues on a clean line); a bad line elsewhere is an error."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    records, good_chars = [], 0
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            good_chars += len(line) + 1
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if any(rest.strip() for rest in lines[number:]):
+                raise DataError(f"{path} line {number}: malformed JSON in the middle of the results",
+                                hint="delete that line (its problem is then generated again on --resume)") from None
+            if repair:
+                from mathctl.core.io import atomic_write_text
+
+                atomic_write_text(path, "\n".join(lines[: number - 1]) + ("\n" if number > 1 else ""))
+            break
+        records.append(record)
+        good_chars += len(line) + 1
+    return records
+
+
+# --- run --------------------------------------------------------------------------------------
+
+
+def problem_seed(task: str, index: int) -> int:
+    return zlib.crc32(f"{task}:{index}".encode())
+
+
+def build_prompt(problem: str, template: str, cfg: EvalConfig, use_chat: bool):
+    from mathctl.benchmarks import render_prompt
+
+    text = render_prompt(template, problem)
+    if not use_chat:
+        return text
+    messages = [{"role": "system", "content": cfg.eval.system_prompt}] if cfg.eval.system_prompt else []
+    return messages + [{"role": "user", "content": text}]
+
+
+def select_problems(problems: list, cfg: EvalConfig) -> list:
+    chosen = [p for p in problems if p.gold is not None]
+    if cfg.eval.limit is not None:
+        chosen = chosen[: cfg.eval.limit]
+    if cfg.eval.shard:
+        i, n = parse_shard(cfg.eval.shard)
+        chosen = chosen[i::n]
+    return chosen
+
+
+def load_tasks(cfg: EvalConfig) -> dict[str, list]:
+    """Each task's problems for this run (limit and shard applied); fails before anything is written."""
+    from mathctl.benchmarks import get_benchmark, load_problems, resolve_data_dir
+
+    tasks = get_task_names(cfg)
+    if not tasks:
+        raise ConfigError("no eval task given", hint="mathctl eval math500 --model PATH (or eval.tasks in the recipe)")
+    if len(set(tasks)) != len(tasks):
+        raise ConfigError(f"a task is listed twice: {', '.join(cfg.eval.tasks)}", hint="name each task once")
+    data_dir = resolve_data_dir(cfg.eval.data_dir)
+    return {name: select_problems(load_problems(get_benchmark(name), data_dir), cfg) for name in tasks}
+
+
+def run(cfg: EvalConfig, run_dir: RunDir, *, engine: Any = None, problems: dict[str, list] | None = None) -> dict[str, Any]:
+    """Evaluate every task of `cfg` into `run_dir`; returns the summary (also in summary.json).
+    `engine` reuses a loaded engine (GRPO's in-loop eval); `problems` comes from `load_tasks`."""
+    from mathctl.core.console import log, progress
+    from mathctl.engines import make_engine
+    from mathctl.grading import grade_batch, shutdown_workers
+
+    problems = problems if problems is not None else load_tasks(cfg)
+    tasks = list(problems)
+    results_path = run_dir.path / RESULTS
+    done = read_results(results_path, repair=True)
+    finished = {(r["task"], r["index"]) for r in done}
+    todo = {name: [p for p in problems[name] if (name, p.index) not in finished] for name in tasks}
+    if finished:
+        log(f"resuming: {len(finished)} problems already in {results_path}")
+
+    own_engine = engine is None
+    if own_engine:
+        engine = make_engine(cfg.model, cfg.engine)
+    use_chat = cfg.eval.prompt_format == "chat" or (cfg.eval.prompt_format == "auto" and bool(engine.chat_template))
+    if cfg.eval.prompt_format == "chat" and not engine.chat_template:
+        raise ConfigError("eval.prompt_format=chat but the model has no chat template",
+                          hint="set model.chat_template (e.g. chatml) or eval.prompt_format=raw")
+    log(f"engine: {engine.backend}; prompts: {'chat template' if use_chat else 'raw text'}")
+    try:
+        total = sum(len(v) for v in todo.values())
+        with progress("eval", total) as advance:
+            for name in tasks:
+                sampling, template = task_sampling(cfg, name)
+                pending = todo[name]
+                for start in range(0, len(pending), cfg.eval.chunk_problems):
+                    chunk = pending[start: start + cfg.eval.chunk_problems]
+                    began = time.perf_counter()
+                    prompts = [build_prompt(p.problem, template, cfg, use_chat) for p in chunk]
+                    outputs = engine.generate(prompts, sampling, prompt_seeds=[problem_seed(name, p.index) for p in chunk])
+                    texts = [s.text for samples in outputs for s in samples]
+                    golds = [p.gold for p in chunk for _ in range(sampling.n)]
+                    grades = grade_batch(texts, golds, timeout_s=cfg.eval.grading_timeout_s)
+                    per_problem = (time.perf_counter() - began) / len(chunk)
+                    flat = iter(grades)
+                    with results_path.open("a", encoding="utf-8") as handle:
+                        for problem, samples in zip(chunk, outputs):
+                            record = {
+                                "task": name, "index": problem.index, "id": problem.id, "problem": problem.problem,
+                                "gold": problem.gold, **({"extra": problem.extra} if problem.extra else {}),
+                                "samples": [_sample_record(s, next(flat)) for s in samples],
+                                "seconds": round(per_problem, 4),
+                            }
+                            record["num_correct"] = sum(s["correct"] for s in record["samples"])
+                            handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+                        handle.flush()
+                    correct = sum(g.correct for g in grades)
+                    advance(len(chunk), task=name, acc=f"{correct / max(1, len(grades)):.3f}")
+    finally:
+        if own_engine:
+            engine.close()
+        shutdown_workers()
+    from mathctl.models import template_digest
+
+    return write_summary(cfg, run_dir, tasks, prompt_format="chat" if use_chat else "raw", backend=engine.backend,
+                         chat_template_digest=template_digest(engine.chat_template) if use_chat else None)
+
+
+def _sample_record(sample, grade) -> dict[str, Any]:
+    return {"text": sample.text, "extracted": grade.extracted, "normalized": grade.pred_normalized,
+            "correct": grade.correct, "reason": grade.reason, "finish_reason": sample.finish_reason,
+            "num_tokens": sample.num_tokens}
+
+
+def write_summary(cfg: EvalConfig, run_dir: RunDir, tasks: list[str], *, prompt_format: str | None,
+                  backend: str | None, chat_template_digest: str | None,
+                  shards: list[str] | None = None) -> dict[str, Any]:
+    """Score every task from results.jsonl, write summary.json, mark the run completed."""
+    from mathctl.benchmarks import get_benchmark
+
+    records = read_results(run_dir.path / RESULTS)
+    by_task: dict[str, list[dict[str, Any]]] = {t: [] for t in tasks}
+    for record in records:
+        if record["task"] in by_task:
+            by_task[record["task"]].append(record)
+    out_tasks = {}
+    for name in tasks:
+        sampling, template = task_sampling(cfg, name)
+        ks = cfg.eval.ks or default_ks(sampling.n)
+        bench = get_benchmark(name)
+        entry = summarize(sorted(by_task[name], key=lambda r: r["index"]), ks)
+        entry.update(version=bench.version, sampling=sampling.model_dump(mode="json"), prompt=template)
+        out_tasks[name] = entry
+    summary: dict[str, Any] = {
+        "status": "completed", "model": cfg.model.path, "run_dir": str(run_dir.path), "backend": backend,
+        "prompt_format": prompt_format, "chat_template_digest": chat_template_digest,
+        "shard": cfg.eval.shard, "tasks": out_tasks,
+        "score": {name: entry["score"] for name, entry in out_tasks.items()},
+    }
+    if shards:
+        summary["merged_from"] = shards
+    gate = cfg.eval.min_score
+    failing = [name for name, entry in out_tasks.items() if gate is not None and entry["score"] < gate]
+    if gate is not None:
+        summary["min_score"] = gate
+        summary["gate"] = "failed" if failing else "passed"
+    run_dir.finish("completed", summary)
+    for name, entry in out_tasks.items():
+        run_dir.log_metrics({"task": name, **{k: v for k, v in entry.items() if k not in ("prompt", "sampling")}})
+    return summary
+
+
+def check_gate(summary: dict[str, Any]) -> None:
+    if summary.get("gate") == "failed":
+        gate = summary["min_score"]
+        low = ", ".join(f"{name} {entry['score']:.4f}" for name, entry in summary["tasks"].items() if entry["score"] < gate)
+        raise GateFailed(f"score below --min-score {gate}: {low}", hint="the eval ran and its results are in the run folder")
+
+
+def render_table(summary: dict[str, Any]):
+    from rich.table import Table
+
+    table = Table(title=f"eval: {summary['model']}", title_justify="left")
+    for column in ("task", "problems", "n", "score", "pass@k", "maj@k", "tokens/sample", "truncated", "seconds"):
+        table.add_column(column, justify="left" if column in ("task", "pass@k", "maj@k") else "right")
+    for name, entry in summary["tasks"].items():
+        if not entry.get("problems"):
+            table.add_row(name, "0", "-", "-", "-", "-", "-", "-", "-")
+            continue
+        label = "acc" if entry["n"] == 1 else f"avg@{entry['n']}"
+        table.add_row(
+            name, str(entry["problems"]), str(entry["n"]), f"{entry['score']:.4f} ({label})",
+            " ".join(f"@{k}={v:.3f}" for k, v in entry["pass@k"].items()),
+            " ".join(f"@{k}={v:.3f}" for k, v in entry["maj@k"].items()),
+            f"{entry['mean_tokens']:.0f}", str(entry["truncated"]), f"{entry['seconds']:.1f}",
+        )
+    return table
+
+
+# --- shards -----------------------------------------------------------------------------------
+
+
+def merge(shard_dirs: list[Path], out: Path, *, min_score: float | None = None) -> dict[str, Any]:
+    """Combine the runs of `--shard i/N` (every i once, all completed) into `out`."""
+    import yaml
+
+    from mathctl.core.config import dump_yaml, validate
+    from mathctl.core.io import atomic_write_text
+
+    if not shard_dirs:
+        raise ConfigError("eval merge needs the shard run folders", hint="mathctl eval merge runs/eval/a-0 runs/eval/a-1 --run-dir runs/eval/a")
+    configs = []
+    for folder in shard_dirs:
+        recipe = folder / "recipe.yaml"
+        if not recipe.is_file():
+            raise ConfigError(f"{folder} is not an eval run folder (no recipe.yaml)", hint="give the folders the shard runs wrote")
+        cfg = validate(EvalConfig, yaml.safe_load(recipe.read_text()) or {}, source=str(recipe))
+        meta = RunDir(folder).read_meta()
+        if meta.get("status") != "completed":
+            raise ConfigError(f"shard {folder} has not completed (status {meta.get('status')})",
+                              hint=f"finish it first: mathctl eval --resume --run-dir {folder}")
+        configs.append(cfg)
+    specs = []
+    for folder, cfg in zip(shard_dirs, configs):
+        if cfg.eval.shard is None:
+            raise ConfigError(f"{folder} is not a shard (no eval.shard)", hint="merge only runs started with --shard i/N")
+        specs.append(parse_shard(cfg.eval.shard))
+    total = {n for _, n in specs}
+    if len(total) != 1:
+        raise ConfigError(f"the shards split into different counts: {sorted(total)}", hint="merge shards of one i/N split")
+    (n_shards,) = total
+    seen = sorted(i for i, _ in specs)
+    if seen != list(range(n_shards)):
+        missing = sorted(set(range(n_shards)) - set(seen))
+        twice = sorted({i for i in seen if seen.count(i) > 1})
+        raise ConfigError(f"shards of {n_shards}: missing {missing or 'none'}, given twice {twice or 'none'}",
+                          hint="give every shard 0..N-1 exactly once")
+    def comparable(cfg: EvalConfig) -> dict[str, Any]:
+        data = cfg.model_dump(mode="json")
+        data.pop("output")
+        data["eval"].pop("shard")
+        return data
+
+    for folder, cfg in zip(shard_dirs[1:], configs[1:]):
+        if comparable(cfg) != comparable(configs[0]):
+            raise ConfigError(f"{folder} ran with other settings than {shard_dirs[0]}",
+                              hint="merge shards of one eval command (same model, tasks and sampling)")
+    base = configs[0].model_copy(deep=True)
+    base.eval.shard = None
+    if min_score is not None:
+        base.eval.min_score = min_score
+    records: dict[tuple[str, int], dict[str, Any]] = {}
+    for folder in shard_dirs:
+        for record in read_results(folder / RESULTS):
+            records[(record["task"], record["index"])] = record
+    tasks = get_task_names(base)
+    order = {t: i for i, t in enumerate(tasks)}
+    merged = sorted(records.values(), key=lambda r: (order.get(r["task"], len(order)), r["index"]))
+    run = RunDir.create(out, recipe_yaml=dump_yaml(base), step="eval", resume=False, seeds=base.seeds())
+    atomic_write_text(run.path / RESULTS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged))
+    head_path = shard_dirs[0] / "summary.json"
+    head = json.loads(head_path.read_text()) if head_path.is_file() else {}
+    return write_summary(base, run, tasks, prompt_format=head.get("prompt_format"), backend=head.get("backend"),
+                         chat_template_digest=head.get("chat_template_digest"), shards=[str(f) for f in shard_dirs])
+
+
+def get_task_names(cfg: EvalConfig) -> list[str]:
+    from mathctl.benchmarks import get_benchmark
+
+    return [get_benchmark(t).name for t in cfg.eval.tasks]
