@@ -54,10 +54,11 @@ class Benchmark:
     aliases: tuple[str, ...] = ()
     version: int = 1
     extra_fields: tuple[str, ...] = field(default=())  # copied into results (subject, level, ...)
+    path: str | None = None  # a user's own JSONL file (task given as a path), read instead of local/hub
 
 
 # Answer readers: "field:NAME" (the value as it is), "hash:NAME" (text after the last `####`),
-# "boxed:NAME" (the last \boxed{} in the field).
+# "boxed:NAME" (the last \boxed{} in the field), "gsm:NAME" (after `####` when present, else as it is).
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
     Benchmark("gsm8k", "GSM8K test, 1319 grade-school word problems", "gsm8k", "openai/gsm8k", "test", "main",
               problem=("question",), answer=("hash:answer",), id_field="idx"),
@@ -95,7 +96,26 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
 ALIASES: dict[str, str] = {alias: b.name for b in BENCHMARKS.values() for alias in b.aliases}
 
 
+FILE_SUFFIXES = (".jsonl", ".json")
+
+
+def file_benchmark(path: str) -> Benchmark:
+    """A user's JSONL file as a task: problem in problem/question/prompt/input, gold answer in
+    answer (text after `####` if present), final_answer, ground_truth, or the last \\boxed{} of solution."""
+    return Benchmark(
+        name=path, description=f"problems from {path}", local="", hub_id="", hub_split="", path=path,
+        problem=("problem", "question", "prompt", "input"),
+        answer=("gsm:answer", "field:final_answer", "field:ground_truth", "field:gold", "boxed:solution"),
+        id_field="id",
+    )
+
+
 def get_benchmark(name: str) -> Benchmark:
+    """A task by name or alias, or a `.jsonl` file of the user's own problems."""
+    if name.strip().endswith(FILE_SUFFIXES):
+        if not Path(name).expanduser().is_file():
+            raise ConfigError(f"eval task file {name} does not exist", hint="give an existing JSONL file, or a task name")
+        return file_benchmark(name.strip())
     key = name.strip().lower()
     key = ALIASES.get(key, key)
     if key not in BENCHMARKS:
@@ -103,7 +123,8 @@ def get_benchmark(name: str) -> Benchmark:
 
         close = difflib.get_close_matches(key, list(BENCHMARKS) + list(ALIASES), n=1)
         hint = f"did you mean {ALIASES.get(close[0], close[0])}? " if close else ""
-        raise ConfigError(f"unknown eval task '{name}'", hint=f"{hint}available: {', '.join(BENCHMARKS)}")
+        raise ConfigError(f"unknown eval task '{name}'",
+                          hint=f"{hint}available: {', '.join(BENCHMARKS)}; or a path to your own .jsonl file")
     return BENCHMARKS[key]
 
 
@@ -136,8 +157,10 @@ def read_answer(bench: Benchmark, row: dict[str, Any]) -> Any:
             continue
         if kind == "field":
             return value
-        if kind == "hash":
+        if kind == "hash" or (kind == "gsm" and "####" in str(value)):
             return str(value).split("####")[-1].strip()
+        if kind == "gsm":
+            return value
         if kind == "boxed":
             boxed = extract_boxed_all(str(value))
             if boxed:
@@ -157,8 +180,13 @@ def read_problem(bench: Benchmark, row: dict[str, Any]) -> str | None:
 
 def load_problems(bench: Benchmark, data_dir: Path | None, *,
                   hub_loader: Callable[[Benchmark], list[dict[str, Any]]] | None = None) -> list[Problem]:
-    """All problems of `bench`, from `data_dir/LOCAL/test.jsonl` or else from the hub."""
-    if data_dir is not None:
+    """All problems of `bench`: its own file, `data_dir/LOCAL/test.jsonl`, or else the hub."""
+    if bench.path is not None:
+        from mathctl.core.io import iter_jsonl
+
+        rows = [row for _, row in iter_jsonl(Path(bench.path).expanduser())]
+        source = bench.path
+    elif data_dir is not None:
         path = data_dir / bench.local / "test.jsonl"
         if not path.is_file():
             raise DataError(f"{bench.name}: {path} does not exist",
@@ -178,8 +206,12 @@ def load_problems(bench: Benchmark, data_dir: Path | None, *,
             raise DataError(f"{bench.name}: row {index + 1} of {source} has no problem field "
                             f"({' or '.join(bench.join or bench.problem)})",
                             hint="check that the file is this benchmark's test set")
-        problems.append(Problem(index=index, id=row.get(bench.id_field) if bench.id_field else index, problem=text,
-                                gold=gold, extra={k: row[k] for k in bench.extra_fields if k in row}))
+        problems.append(Problem(index=index, id=row.get(bench.id_field, index) if bench.id_field else index,
+                                problem=text, gold=gold, extra={k: row[k] for k in bench.extra_fields if k in row}))
+    if problems and all(p.gold is None for p in problems):
+        fields = ", ".join(spec.partition(":")[2] for spec in bench.answer)
+        raise DataError(f"{bench.name}: no row of {source} has a gold answer (looked for {fields})",
+                        hint="add an `answer` field to every row")
     return problems
 
 

@@ -23,7 +23,7 @@ import time
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import Field, field_validator, model_validator
 
@@ -291,9 +291,18 @@ def load_tasks(cfg: EvalConfig) -> dict[str, list]:
     return {name: select_problems(load_problems(get_benchmark(name), data_dir), cfg) for name in tasks}
 
 
-def run(cfg: EvalConfig, run_dir: RunDir, *, engine: Any = None, problems: dict[str, list] | None = None) -> dict[str, Any]:
+class Scorer(Protocol):
+    """Scores samples for best-of-N selection (a process or outcome reward model). Returns one float
+    per sample; higher is better. With a PRM, the score is the last step's or the minimum step value."""
+
+    def __call__(self, prompts: list[Any], samples: list[list[Any]]) -> list[list[float]]: ...
+
+
+def run(cfg: EvalConfig, run_dir: RunDir, *, engine: Any = None, problems: dict[str, list] | None = None,
+        scorer: Scorer | None = None) -> dict[str, Any]:
     """Evaluate every task of `cfg` into `run_dir`; returns the summary (also in summary.json).
-    `engine` reuses a loaded engine (GRPO's in-loop eval); `problems` comes from `load_tasks`."""
+    `engine` reuses a loaded engine (GRPO's in-loop eval); `problems` comes from `load_tasks`;
+    `scorer` adds a `score` to every sample, and with it the best-of-k metric `bon@k`."""
     from mathctl.core.console import log, progress
     from mathctl.engines import make_engine
     from mathctl.grading import grade_batch, shutdown_workers
@@ -315,6 +324,10 @@ def run(cfg: EvalConfig, run_dir: RunDir, *, engine: Any = None, problems: dict[
         raise ConfigError("eval.prompt_format=chat but the model has no chat template",
                           hint="set model.chat_template (e.g. chatml) or eval.prompt_format=raw")
     log(f"engine: {engine.backend}; prompts: {'chat template' if use_chat else 'raw text'}")
+    if use_chat:
+        from mathctl.core.io import atomic_write_text
+
+        atomic_write_text(run_dir.path / "chat_template.jinja", engine.chat_template)  # the template actually used
     try:
         total = sum(len(v) for v in todo.values())
         with progress("eval", total) as advance:
@@ -329,16 +342,20 @@ def run(cfg: EvalConfig, run_dir: RunDir, *, engine: Any = None, problems: dict[
                     texts = [s.text for samples in outputs for s in samples]
                     golds = [p.gold for p in chunk for _ in range(sampling.n)]
                     grades = grade_batch(texts, golds, timeout_s=cfg.eval.grading_timeout_s)
+                    scores = scorer(prompts, outputs) if scorer is not None else None
                     per_problem = (time.perf_counter() - began) / len(chunk)
                     flat = iter(grades)
                     with results_path.open("a", encoding="utf-8") as handle:
-                        for problem, samples in zip(chunk, outputs):
+                        for k, (problem, samples) in enumerate(zip(chunk, outputs)):
                             record = {
                                 "task": name, "index": problem.index, "id": problem.id, "problem": problem.problem,
                                 "gold": problem.gold, **({"extra": problem.extra} if problem.extra else {}),
                                 "samples": [_sample_record(s, next(flat)) for s in samples],
                                 "seconds": round(per_problem, 4),
                             }
+                            if scores is not None:
+                                for sample, value in zip(record["samples"], scores[k]):
+                                    sample["score"] = float(value)
                             record["num_correct"] = sum(s["correct"] for s in record["samples"])
                             handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
                         handle.flush()

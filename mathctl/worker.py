@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mathctl.core.errors import MathctlError
 
-STEPS = {"sft": ("mathctl.sft", "SFTConfig")}
+STEPS = {"sft": ("mathctl.sft", "SFTConfig"), "eval": ("mathctl.evaluate", "EvalConfig")}
 
 
 def step_module(step: str):

@@ -44,6 +44,7 @@ def test_math500_end_to_end(greedy_run):
     assert summary["prompt_format"] == "chat" and summary["chat_template_digest"]
     assert json.loads((folder / "summary.json").read_text())["tasks"] == summary["tasks"]
     assert json.loads((folder / "meta.json").read_text())["status"] == "completed"
+    assert "<|im_start|>" in (folder / "chat_template.jinja").read_text()
     records = _results(folder)
     assert [r["index"] for r in records] == list(range(8))
     assert records[0]["gold"] == "\\left( 3, \\frac{\\pi}{2} \\right)"
@@ -189,3 +190,32 @@ def test_scoring_path_counts_right_answers(tmp_path):
     aime = summary["tasks"]["aime2024"]
     assert aime["avg@3"] == 0.5 and aime["pass@k"]["3"] == 0.5 and aime["maj@k"]["3"] == 0.5
     assert summary["prompt_format"] == "raw"
+
+
+def test_scorer_adds_best_of_n(tmp_path):
+    from mathctl.benchmarks import get_benchmark, load_problems
+    from mathctl.core.rundir import RunDir
+    from mathctl.evaluate import EvalConfig, run
+
+    cfg = EvalConfig.model_validate({"model": {"path": "unused"}, "eval": {
+        "tasks": ["aime2024"], "data_dir": str(BENCH), "limit": 4, "n": 4}})
+    golds = {p.problem: (p.index, p.gold) for p in load_problems(get_benchmark("aime2024"), BENCH)[:4]}
+
+    class OneRightEngine(AnsweringEngine):  # sample 2 of every problem is right, the rest wrong
+        def generate(self, prompts, sampling, prompt_seeds=None):
+            out = []
+            for prompt in prompts:
+                _, gold = self.golds[prompt.split("\nLet's think")[0]]
+                out.append([Sample(text=f"\\boxed{{{gold if j == 2 else 1000 + j}}}", token_ids=[1], finish_reason="stop")
+                            for j in range(sampling.n)])
+            return out
+
+    def scorer(prompts, samples):  # a reward model that prefers the third sample
+        return [[1.0 if j == 2 else 0.0 for j in range(len(row))] for row in samples]
+
+    summary = run(cfg, RunDir.create(tmp_path / "r", recipe_yaml="x", step="eval", resume=False, seeds={}),
+                  engine=OneRightEngine(golds), scorer=scorer)
+    entry = summary["tasks"]["aime2024"]
+    assert entry["avg@4"] == 0.25 and entry["pass@k"]["4"] == 1.0
+    assert entry["bon@k"] == {"1": 0.0, "2": 0.0, "4": 1.0}  # the right sample is the third
+    assert entry["maj@k"]["4"] == 0.0  # four different answers: the first one wins the tie
