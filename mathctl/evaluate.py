@@ -67,7 +67,9 @@ class EvalSection(TaskSettings):
     seed: int = Field(0, description="Sampling seed; each problem's samples depend only on it and the problem.")
     ks: list[int] | None = Field(None, description="k values of pass@k and maj@k; default: powers of two up to n.")
     min_score: float | None = Field(None, ge=0, le=1, description="Exit 3 when a task's score is below this.")
-    chunk_problems: int = Field(64, ge=1, description="Problems per engine call (and per resume point).")
+    chunk_problems: int | None = Field(
+        None, ge=1, description="Problems per engine call, appended to results.jsonl together (the resume "
+        "granularity); default: 1024 with vllm (it schedules large batches itself), else max(64, engine.batch_size).")
     grading_timeout_s: float = Field(1.0, gt=0, description="Time limit of one symbolic equivalence check.")
     per_task: dict[str, TaskSettings] = Field(default_factory=dict, description="Settings for one task, by name.")
 
@@ -328,14 +330,15 @@ def run(cfg: EvalConfig, run_dir: RunDir, *, engine: Any = None, problems: dict[
         from mathctl.core.io import atomic_write_text
 
         atomic_write_text(run_dir.path / "chat_template.jinja", engine.chat_template)  # the template actually used
+    chunk_size = cfg.eval.chunk_problems or (1024 if engine.backend == "vllm" else max(64, cfg.engine.batch_size))
     try:
         total = sum(len(v) for v in todo.values())
         with progress("eval", total) as advance:
             for name in tasks:
                 sampling, template = task_sampling(cfg, name)
                 pending = todo[name]
-                for start in range(0, len(pending), cfg.eval.chunk_problems):
-                    chunk = pending[start: start + cfg.eval.chunk_problems]
+                for start in range(0, len(pending), chunk_size):
+                    chunk = pending[start: start + chunk_size]
                     began = time.perf_counter()
                     prompts = [build_prompt(p.problem, template, cfg, use_chat) for p in chunk]
                     outputs = engine.generate(prompts, sampling, prompt_seeds=[problem_seed(name, p.index) for p in chunk])

@@ -355,8 +355,8 @@ class SamplingConfig(Strict):
         0, description="Sampling seed. Each completion's randomness depends only on (seed, prompt seed, its "
         "index), not on batching, so a resumed run draws the same samples; null draws from the global RNG.",
     )
-    logprobs: bool = Field(False, description="Return the log-probability of every generated token "
-                           "(under the temperature-scaled distribution, before top-p/top-k).")
+    logprobs: bool = Field(False, description="Return the log-probability of every generated token under "
+                           "the distribution it was drawn from (after temperature, top-k, top-p).")
 
 
 class EngineConfig(Strict):

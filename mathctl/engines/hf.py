@@ -13,7 +13,9 @@ Sampling: temperature, then top-k, then top-p, then inverse-CDF sampling with on
 per row. With `sampling.seed` set, every completion draws from its own stream seeded by (seed,
 prompt seed, sample index), so it does not depend on batch size, order, or other prompts: a
 resumed eval draws the same samples as an uninterrupted one. Log-probabilities are those of the
-temperature-scaled distribution (what a trainer computes from `logits / T`), before top-k/top-p.
+distribution each token was drawn from: after temperature, top-k and top-p (vLLM's
+`processed_logprobs`); with top-k and top-p off this is what a trainer computes from `logits / T`.
+Greedy decoding reports the log-probabilities of the unscaled distribution.
 """
 
 from __future__ import annotations
@@ -230,7 +232,6 @@ class HFEngine:
             lp = torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0] if sampling.logprobs else None
             return tokens, lp
         scaled = logits / sampling.temperature
-        lp_all = torch.log_softmax(scaled, -1) if sampling.logprobs else None
         filtered = scaled
         vocab = scaled.shape[-1]
         if sampling.top_k is not None and sampling.top_k < vocab:
@@ -250,7 +251,7 @@ class HFEngine:
         cdf = probs.cumsum(-1)
         choice = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=vocab - 1)
         tokens = (order.gather(1, choice) if order is not None else choice)[:, 0]
-        lp = lp_all.gather(1, tokens[:, None])[:, 0] if lp_all is not None else None
+        lp = torch.log_softmax(filtered, -1).gather(1, choice)[:, 0] if sampling.logprobs else None
         return tokens, lp
 
     def _stop_hit(self, ids: list[int], stops: list[str], window: int) -> str | None:

@@ -47,7 +47,7 @@ class VLLMEngine:
             tensor_parallel_size=config.tensor_parallel_size, gpu_memory_utilization=config.gpu_memory_utilization,
             max_model_len=config.max_model_len, enable_prefix_caching=config.enable_prefix_caching,
             enforce_eager=config.enforce_eager, seed=0,
-            logprobs_mode="processed_logprobs",  # after temperature, as the hf engine reports them
+            logprobs_mode="processed_logprobs",  # the sampled distribution, as the hf engine reports (vLLM >= 0.10.2)
         )
 
     def _params(self, sampling: SamplingConfig, prompt_seed: int):
