@@ -231,14 +231,14 @@ def read_results(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
     from the file, so appending continues on a clean line); a bad line elsewhere is an error."""
     if not path.is_file():
         return []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    records, good_chars = [], 0
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
-            good_chars += len(line) + 1
             continue
         try:
-            record = json.loads(line)
+            records.append(json.loads(line))
         except json.JSONDecodeError:
             if any(rest.strip() for rest in lines[number:]):
                 raise DataError(f"{path} line {number}: malformed JSON in the middle of the results",
@@ -246,10 +246,11 @@ def read_results(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
             if repair:
                 from mathctl.core.io import atomic_write_text
 
-                atomic_write_text(path, "\n".join(lines[: number - 1]) + ("\n" if number > 1 else ""))
-            break
-        records.append(record)
-        good_chars += len(line) + 1
+                atomic_write_text(path, "".join(f"{kept}\n" for kept in lines[: number - 1] if kept.strip()))
+            return records
+    if repair and text and not text.endswith("\n"):  # a whole record whose newline was cut: appends go on a new line
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write("\n")
     return records
 
 

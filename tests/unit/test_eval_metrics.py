@@ -179,6 +179,8 @@ def test_read_results_drops_a_cut_last_line(tmp_path):
     assert path.read_text().endswith('"ind')  # untouched without repair
     read_results(path, repair=True)
     assert path.read_text() == '{"task": "a", "index": 0}\n{"task": "a", "index": 1}\n'
+    path.write_text('{"task": "a", "index": 0}')  # complete, but its newline was cut
+    assert len(read_results(path, repair=True)) == 1 and path.read_text().endswith("}\n")
     path.write_text('{"task": "a", "index": 0}\nnot json\n{"task": "a", "index": 2}\n')
     with pytest.raises(DataError, match="line 2"):
         read_results(path)
