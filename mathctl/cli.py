@@ -239,6 +239,45 @@ def data_synthetic(
     _emit({"status": "completed", "path": str(out), "rows": len(rows)}, json_out)
 
 
+@data_app.command("prepare", help="Prepare SFT (tokenized, loss-masked, optionally packed) or RL (prompt + "
+                  "gold answer) data from a source as a datasets folder with stats.json. Sources: "
+                  + ", ".join(__import__("mathctl.data", fromlist=["SOURCES"]).SOURCES))
+def data_prepare(
+    source: str = typer.Argument(None, help="Source name (sets `source`).", show_default=False),
+    overrides: list[str] = OverridesArg,
+    out: str = typer.Option(None, "--out", "-o", help="Output folder (sets `out`)."),
+    input_path: str = typer.Option(None, "--input", help="Local file or folder instead of the hub id (sets `input`)."),
+    kind: str = typer.Option(None, "--kind", help="sft or rl (sets `kind`)."),
+    tokenizer: str = typer.Option(None, "--tokenizer", help="Tokenizer for sft, hub id, folder or tiny:PRESET (sets `tokenizer`)."),
+    split: str = typer.Option(None, "--split", help="Hub split, e.g. train_1M for openmath2 (sets `split`)."),
+    limit: int = typer.Option(None, "--limit", min=1, help="First N source rows (sets `limit`)."),
+    num_proc: int = typer.Option(None, "--num-proc", min=1, help="Worker processes (sets `num_proc`)."),
+    streaming: bool = typer.Option(None, "--streaming/--no-streaming", help="Read a hub source row by row (sets `streaming`)."),
+    recipe: str = RecipeOpt,
+    dry_run: bool = DryRunOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    from mathctl.core.config import dump_yaml, load_recipe
+    from mathctl.data import PrepareConfig, get_source, prepare
+
+    overrides = list(overrides or [])
+    if source is not None and "=" in source:
+        overrides.insert(0, source)
+        source = None
+    if source is not None:
+        get_source(source)  # an unknown source lists the known ones
+    aliases = {"source": source, "out": out, "input": input_path, "kind": kind, "tokenizer": tokenizer,
+               "split": split, "limit": limit, "num_proc": num_proc, "streaming": streaming}
+    cfg, _ = load_recipe("data", PrepareConfig, recipe, overrides, aliases)
+    if dry_run:
+        sys.stdout.write(dump_yaml(cfg))
+        return
+    _quiet_libraries()
+    stats = prepare(cfg)
+    stats.pop("config", None)
+    _emit({"status": "completed", "out": cfg.out, **stats}, json_out)
+
+
 @app.command(help="Grade model responses in a JSONL file against gold answers; prints the accuracy.")
 def grade(
     file: Path = typer.Argument(..., help="JSONL file, one object per line with a response and a gold answer."),

@@ -232,6 +232,9 @@ def prepare_examples(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict],
         rows = rows[: cfg.data.max_rows]
     if not rows:
         raise DataError(f"data source {cfg.data.source} has no rows", hint="check data.source and data.split")
+    if rows and "seq_lens" in rows[0]:  # packed by `mathctl data prepare --pack`: back to samples, packed at run time
+        rows = [{"input_ids": r["input_ids"][start:start + n], "labels": r["labels"][start:start + n]}
+                for r in rows for start, n in zip(_offsets(r["seq_lens"]), r["seq_lens"])]
     if rows and "input_ids" in rows[0] and "labels" in rows[0]:
         examples = [{"input_ids": list(r["input_ids"])[: cfg.train.max_seq_len],
                      "labels": list(r["labels"])[: cfg.train.max_seq_len],
@@ -257,6 +260,14 @@ def prepare_examples(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict],
     evaluation = [e for i, e in enumerate(kept) if i in held]
     stats.update(train_rows=len(train), eval_rows=len(evaluation))
     return train, evaluation, stats
+
+
+def _offsets(lengths: list[int]) -> list[int]:
+    starts, total = [], 0
+    for n in lengths:
+        starts.append(total)
+        total += n
+    return starts
 
 
 def _tokenize_all(conversations: list[list[dict]], tokenizer, cfg: SFTConfig) -> list[dict]:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from mathctl.core.errors import MathctlError
 
-STEPS = {"sft": ("mathctl.sft", "SFTConfig"), "eval": ("mathctl.evaluate", "EvalConfig")}
+STEPS = {"sft": ("mathctl.sft", "SFTConfig"), "eval": ("mathctl.evaluate", "EvalConfig"),
+         "data": ("mathctl.data", "PrepareConfig")}
 
 
 def step_module(step: str):

@@ -1,0 +1,525 @@
+"""`mathctl data prepare`: training and RL data from the seeds' sources, as `datasets` folders.
+
+Every source is read into one record shape first:
+
+    problem   the question, as the model will see it (before the prompt template)
+    solution  a worked solution ending in the final answer (SFT target; None for RL-only sources)
+    answer    the gold final answer (RL reward, eval-style grading; None when unknown)
+    source    where the row came from (dataset name, or the sub-source a dataset records)
+    difficulty  a number when the source gives one (MATH level, DeepMath difficulty, Big-Math solve rate)
+
+then turned into one of two outputs, saved with `Dataset.save_to_disk` plus `stats.json`:
+
+    sft  messages -> chat template -> input_ids + labels (-100 where no loss, per `loss_on`), with
+         problem/answer/source kept; optional packing to `seq_len` (rows of concatenated samples
+         with `seq_lens`; `mathctl sft` splits them back and packs at run time).
+    rl   prompt (the problem in the prompt template) + answer (+ source, difficulty); rows without a
+         gold answer are dropped (they cannot be rewarded).
+
+Scale: rows stay in Arrow files on disk (memory-mapped), transformed by `Dataset.map` with
+`num_proc` workers; `--streaming` reads a hub source row by row without downloading it whole,
+writing the output through `Dataset.from_generator`. Neither needs the source to fit in memory.
+
+Sources (hub ids for users, `--input PATH` for local copies in the same schema):
+    openmath2        nvidia/OpenMathInstruct-2 (split train_1M | train_2M | train_5M | train):
+                     problem, generated_solution, expected_answer, problem_source
+    am-r1-distilled  a-m-team/AM-DeepSeek-R1-Distilled-1.4M: messages with `info`; English subset (below)
+    gsm8k            openai/gsm8k (main): question, answer ("... #### 18"); the calculator
+                     annotations <<a*b=c>> are removed and "#### X" becomes "The final answer is \\boxed{X}."
+    math             MATH train (DigitalLearningGmbH/MATH-lighteval): problem, solution, level, type;
+                     gold = the last \\boxed{} of the solution
+    big-math         SynthLabsAI/Big-Math-RL-Verified: problem, answer, source, llama8b_solve_rate (RL)
+    deepmath         zwhe99/DeepMath-103K: question, final_answer, difficulty, r1_solution_1 (SFT target)
+    deepscaler       agentica-org/DeepScaleR-Preview-Dataset: problem, answer, solution
+    rstar            rStar-Math SFT rows: question (or prompt) + response (the code-augmented trace)
+    jsonl / parquet  local files; `fields` maps problem/solution/answer/messages to column names
+    synthetic        the built-in arithmetic word problems
+
+English subset of AM-DeepSeek-R1-Distilled: a row is kept when at least 95% of the letters in its
+user turn and in its answer are ASCII letters (A-Z, a-z). Letters are characters that Unicode calls
+alphabetic; digits, LaTeX and punctuation do not count. This keeps English math (Greek letters in
+LaTeX are written \\alpha) and drops Chinese, Japanese, Korean and Russian rows without a language
+model (Instella-Math used langdetect; this rule needs no extra dependency and is deterministic).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from mathctl.core.config import Strict
+from mathctl.core.errors import ConfigError, DataError
+
+IGNORE = -100
+DEFAULT_PROMPT = "{problem}\nLet's think step by step and output the final answer within \\boxed{}."
+
+
+# --- records ---------------------------------------------------------------------------------
+
+
+def _boxed_last(text: str | None) -> str | None:
+    from mathctl.grading import extract_boxed_all
+
+    found = extract_boxed_all(text or "")
+    return found[-1] if found else None
+
+
+_CALC = re.compile(r"<<[^<>]*>>")
+
+
+def gsm8k_solution(answer: str) -> tuple[str, str]:
+    """GSM8K's worked answer -> (solution ending in \\boxed{X}, X)."""
+    body, _, final = answer.rpartition("####")
+    final = final.strip().replace(",", "")
+    body = _CALC.sub("", body).strip()
+    return f"{body}\nThe final answer is \\boxed{{{final}}}.", final
+
+
+def english_share(text: str) -> float:
+    letters = [c for c in text if c.isalpha()]
+    if not letters:
+        return 1.0
+    return sum(c.isascii() for c in letters) / len(letters)
+
+
+def _am_record(row: dict[str, Any]) -> dict[str, Any] | None:
+    messages = row["messages"]
+    user = next((m for m in messages if m.get("role") == "user"), None)
+    reply = next((m for m in messages if m.get("role") == "assistant"), None)
+    if user is None or reply is None:
+        return None
+    info = user.get("info") or {}
+    content = reply.get("content") or ""
+    if english_share(user.get("content") or "") < 0.95 or english_share(content) < 0.95:
+        return None
+    answer = info.get("reference_answer") or _boxed_last(content)
+    return {"problem": user["content"], "solution": content, "answer": answer,
+            "source": f"am-r1-distilled/{info.get('source') or 'unknown'}", "difficulty": None}
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    hub_id: str | None
+    split: str
+    required: tuple[str, ...]  # fields the first row must have
+    to_record: Callable[[dict[str, Any]], dict[str, Any] | None]
+    hub_config: str | None = None
+    kinds: tuple[str, ...] = ("sft", "rl")
+    description: str = ""
+
+
+def _level(value: Any) -> float | None:
+    match = re.search(r"\d+", str(value or ""))
+    return float(match.group()) if match else None
+
+
+SOURCES: dict[str, Source] = {s.name: s for s in [
+    Source("openmath2", "nvidia/OpenMathInstruct-2", "train_1M", ("problem", "generated_solution", "expected_answer"),
+           lambda r: {"problem": r["problem"], "solution": r["generated_solution"], "answer": r["expected_answer"],
+                      "source": f"openmath2/{r.get('problem_source') or 'unknown'}", "difficulty": None},
+           description="OpenMathInstruct-2 (splits train_1M, train_2M, train_5M, train)"),
+    Source("am-r1-distilled", "a-m-team/AM-DeepSeek-R1-Distilled-1.4M", "train", ("messages",), _am_record,
+           hub_config="am_0.9M", description="AM-DeepSeek-R1-Distilled, English subset (long CoT)"),
+    Source("gsm8k", "openai/gsm8k", "train", ("question", "answer"),
+           lambda r: dict(zip(("solution", "answer"), gsm8k_solution(r["answer"])), problem=r["question"],
+                          source="gsm8k", difficulty=None),
+           hub_config="main", description="GSM8K train"),
+    Source("math", "DigitalLearningGmbH/MATH-lighteval", "train", ("problem", "solution"),
+           lambda r: {"problem": r["problem"], "solution": r["solution"], "answer": _boxed_last(r["solution"]),
+                      "source": f"math/{r.get('type') or 'unknown'}", "difficulty": _level(r.get("level"))},
+           description="MATH train (gold from the last \\boxed{})"),
+    Source("big-math", "SynthLabsAI/Big-Math-RL-Verified", "train", ("problem", "answer"),
+           lambda r: {"problem": r["problem"], "solution": None, "answer": r["answer"],
+                      "source": f"big-math/{r.get('source') or 'unknown'}", "difficulty": r.get("llama8b_solve_rate")},
+           kinds=("rl",), description="Big-Math RL-verified (RL only: no solutions)"),
+    Source("deepmath", "zwhe99/DeepMath-103K", "train", ("question", "final_answer"),
+           lambda r: {"problem": r["question"], "solution": r.get("r1_solution_1"), "answer": r["final_answer"],
+                      "source": f"deepmath/{r.get('topic') or 'unknown'}", "difficulty": r.get("difficulty")},
+           description="DeepMath-103K (SFT target: r1_solution_1)"),
+    Source("deepscaler", "agentica-org/DeepScaleR-Preview-Dataset", "train", ("problem", "answer"),
+           lambda r: {"problem": r["problem"], "solution": r.get("solution"), "answer": r["answer"],
+                      "source": "deepscaler", "difficulty": None},
+           description="DeepScaleR-Preview (AIME, AMC, Omni-MATH, STILL)"),
+    Source("rstar", None, "train", ("response",),
+           lambda r: {"problem": r.get("question") or r.get("prompt"), "solution": r["response"],
+                      "answer": r.get("answer") or _boxed_last(r["response"]), "source": "rstar", "difficulty": None},
+           description="rStar-Math SFT rows (question + code-augmented response), local files"),
+    Source("jsonl", None, "train", (), lambda r: r, description="a local JSONL file with a field mapping"),
+    Source("parquet", None, "train", (), lambda r: r, description="a local Parquet file with a field mapping"),
+    Source("synthetic", None, "train", (), lambda r: {"problem": r["problem"], "solution": r["solution"],
+                                                      "answer": r["answer"], "source": "synthetic", "difficulty": None},
+           description="built-in arithmetic word problems"),
+]}
+
+
+def get_source(name: str) -> Source:
+    if name not in SOURCES:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(SOURCES), n=1)
+        raise ConfigError(f"unknown data source '{name}'",
+                          hint=f"{'did you mean ' + close[0] + '? ' if close else ''}known: {', '.join(SOURCES)}")
+    return SOURCES[name]
+
+
+# --- config ----------------------------------------------------------------------------------
+
+
+class FieldMap(Strict):
+    """Column names of a local jsonl/parquet source (null: not present)."""
+
+    problem: str | None = Field("problem", description="Column holding the problem.")
+    solution: str | None = Field("solution", description="Column holding the worked solution (SFT target).")
+    answer: str | None = Field("answer", description="Column holding the gold answer.")
+    messages: str | None = Field(None, description="Column holding chat messages (instead of problem/solution).")
+
+
+class PrepareConfig(Strict):
+    """`mathctl data prepare` recipe."""
+
+    step: Literal["data"] = "data"
+    source: str = Field(description=f"One of: {', '.join(SOURCES)}.")
+    input: str | None = Field(None, description="Local file or folder to read instead of the hub id.")
+    split: str | None = Field(None, description="Hub split (openmath2: train_1M, train_2M, train_5M, train).")
+    hub_config: str | None = Field(None, description="Hub config name (am-r1-distilled: am_0.5M or am_0.9M).")
+    kind: Literal["sft", "rl"] = Field("sft", description="sft: tokenized with loss masks; rl: prompt + gold answer.")
+    out: str = Field(description="Output folder (save_to_disk) with stats.json.")
+    fields: FieldMap = Field(default_factory=FieldMap)
+    limit: int | None = Field(None, ge=1, description="Only the first N source rows.")
+    streaming: bool = Field(False, description="Read the hub source row by row instead of downloading it whole.")
+    num_proc: int | None = Field(None, ge=1, description="Worker processes for map (non-streaming).")
+    prompt_template: str = Field(DEFAULT_PROMPT, description="User turn / RL prompt; {problem} is replaced.")
+    system_prompt: str | None = Field(None, description="Optional system message (sft).")
+    tokenizer: str | None = Field(None, description="Tokenizer hub id or folder (sft); tiny:PRESET works.")
+    chat_template: str = Field("tokenizer", description="tokenizer, chatml, tulu, llama3, rstar, plain, a .jinja path or inline Jinja.")
+    loss_on: Literal["assistant", "completion", "all"] = Field("assistant", description="Tokens with loss (sft).")
+    max_seq_len: int = Field(4096, ge=8, description="Longer samples are truncated or dropped (sft).")
+    overflow: Literal["truncate", "drop"] = Field("drop", description="What happens to samples over max_seq_len.")
+    pack: bool = Field(False, description="Pack samples into rows of up to seq_len tokens (sft).")
+    seq_len: int | None = Field(None, ge=8, description="Packed row length; default max_seq_len.")
+    synthetic_rows: int = Field(1000, ge=1, description="Rows of the synthetic source.")
+    seed: int = Field(0, description="Synthetic source seed.")
+
+    @model_validator(mode="after")
+    def _check(self) -> PrepareConfig:
+        source = get_source(self.source)
+        if self.kind not in source.kinds:
+            raise ValueError(f"source {self.source} has no solutions, so kind=sft is impossible; use --kind rl")
+        if "{problem}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain {problem}")
+        if self.kind == "sft" and not self.tokenizer:
+            raise ValueError("kind=sft needs a tokenizer (--tokenizer MODEL, e.g. Qwen/Qwen2.5-Math-7B or tiny:qwen2-tiny)")
+        if self.source in ("jsonl", "parquet", "rstar") and not self.input:
+            raise ValueError(f"source {self.source} reads a local file: give --input PATH")
+        if self.pack and self.seq_len is not None and self.seq_len < self.max_seq_len:
+            raise ValueError(f"seq_len ({self.seq_len}) must be at least max_seq_len ({self.max_seq_len}) so every sample fits")
+        return self
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def load_raw(cfg: PrepareConfig):
+    """The source rows as a `datasets.Dataset` (Arrow on disk) or, streaming, an `IterableDataset`."""
+    import datasets
+
+    source = get_source(cfg.source)
+    if cfg.source == "synthetic":
+        from mathctl.synthetic import SyntheticSpec, generate
+
+        return datasets.Dataset.from_list(generate(SyntheticSpec(num_problems=cfg.synthetic_rows, seed=cfg.seed,
+                                                                 max_digits=1)))
+    if cfg.input:
+        path = Path(cfg.input).expanduser()
+        if not path.exists():
+            raise DataError(f"input {path} does not exist", hint="check --input (a .jsonl/.json/.parquet file or a folder)")
+        try:
+            if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+                ds = datasets.load_from_disk(str(path))
+                if isinstance(ds, datasets.DatasetDict):
+                    ds = ds[cfg.split or source.split]
+            elif path.is_dir():
+                files = sorted(str(p) for p in path.rglob("*") if p.suffix in (".jsonl", ".json", ".parquet"))
+                if not files:
+                    raise DataError(f"folder {path} holds no .jsonl/.json/.parquet files", hint="point --input at data files")
+                builder = "parquet" if files[0].endswith(".parquet") else "json"
+                ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=cfg.streaming)
+            else:
+                builder = "parquet" if path.suffix == ".parquet" else "json"
+                if path.suffix == ".jsonl":
+                    _check_jsonl_head(path)
+                ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=cfg.streaming)
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(f"cannot read {path}: {_first_line(exc)}", hint="check the file's format") from None
+    else:
+        if source.hub_id is None:
+            raise DataError(f"source {cfg.source} has no hub copy", hint="give --input PATH")
+        try:
+            ds = datasets.load_dataset(source.hub_id, cfg.hub_config or source.hub_config,
+                                       split=cfg.split or source.split, streaming=cfg.streaming)
+        except Exception as exc:
+            raise DataError(f"cannot load {source.hub_id}: {_first_line(exc)}",
+                            hint="give --input PATH with a local copy, or make the hub reachable") from None
+    if cfg.limit:
+        ds = ds.take(cfg.limit) if cfg.streaming else ds.select(range(min(cfg.limit, len(ds))))
+    return ds
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_jsonl_head(path: Path) -> None:
+    """A malformed line is reported with its number (datasets' own error does not say where)."""
+    from mathctl.core.io import iter_jsonl
+
+    for _ in iter_jsonl(path):
+        pass
+
+
+def _record_fn(cfg: PrepareConfig) -> Callable[[dict[str, Any]], dict[str, Any] | None]:
+    source = get_source(cfg.source)
+    if cfg.source not in ("jsonl", "parquet"):
+        return source.to_record
+    f = cfg.fields
+
+    def mapped(row: dict[str, Any]) -> dict[str, Any] | None:
+        if f.messages:
+            messages = row[f.messages]
+            user = next((m["content"] for m in messages if m["role"] == "user"), None)
+            reply = next((m["content"] for m in messages if m["role"] == "assistant"), None)
+            return {"problem": user, "solution": reply, "answer": row.get(f.answer) if f.answer else None,
+                    "source": cfg.source, "difficulty": None}
+        return {"problem": row[f.problem], "solution": row.get(f.solution) if f.solution else None,
+                "answer": row.get(f.answer) if f.answer else None, "source": cfg.source, "difficulty": None}
+
+    return mapped
+
+
+def required_fields(cfg: PrepareConfig) -> list[str]:
+    if cfg.source in ("jsonl", "parquet"):
+        f = cfg.fields
+        if f.messages:
+            return [f.messages]
+        need = [f.problem] + ([f.solution] if cfg.kind == "sft" else [f.answer])
+        return [n for n in need if n]
+    return list(get_source(cfg.source).required)
+
+
+def check_first_row(cfg: PrepareConfig, row: dict[str, Any]) -> None:
+    missing = [name for name in required_fields(cfg) if name not in row]
+    if missing:
+        where = cfg.input or get_source(cfg.source).hub_id
+        raise DataError(f"source {cfg.source} ({where}): field {', '.join(missing)} missing in the first row "
+                        f"(its fields: {', '.join(sorted(row)) or 'none'}); first row: {json.dumps(row, default=str)[:200]}",
+                        hint="pick the source that matches the file, or map the columns with fields.problem=... "
+                             "fields.solution=... fields.answer=... (jsonl/parquet)")
+
+
+# --- transforms ------------------------------------------------------------------------------
+
+
+def to_messages(record: dict[str, Any], cfg: PrepareConfig) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    messages.append({"role": "user", "content": cfg.prompt_template.replace("{problem}", str(record["problem"]))})
+    messages.append({"role": "assistant", "content": str(record["solution"])})
+    return messages
+
+
+class Transformer:
+    """Row -> output row (or None: dropped, with a reason). Picklable for `map(num_proc=...)`."""
+
+    def __init__(self, cfg: PrepareConfig):
+        self.cfg = cfg
+        self.to_record = _record_fn(cfg)
+        self.tokenizer = None
+        if cfg.kind == "sft":
+            from mathctl.core.config import ModelSpec
+            from mathctl.models import load_tokenizer
+
+            self.tokenizer = load_tokenizer(ModelSpec(path=cfg.tokenizer, chat_template=cfg.chat_template))
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        from mathctl.sft import tokenize_conversation
+
+        cfg = self.cfg
+        empty = {"problem": "", "answer": "", "source": "", "difficulty": None}
+        record = self.to_record(row)
+        if record is None:
+            return {**empty, **self._blank(), "dropped": "filtered"}
+        answer = record.get("answer")
+        out = {"problem": str(record.get("problem") or ""), "answer": "" if answer is None else str(answer),
+               "source": record.get("source") or cfg.source,
+               "difficulty": None if record.get("difficulty") is None else float(record["difficulty"])}
+        if not out["problem"].strip():
+            return {**out, **self._blank(), "dropped": "no_problem"}
+        if cfg.kind == "rl":
+            if not out["answer"].strip():
+                return {**out, **self._blank(), "dropped": "no_answer"}
+            return {**out, "prompt": cfg.prompt_template.replace("{problem}", out["problem"]), "dropped": ""}
+        if not str(record.get("solution") or "").strip():
+            return {**out, **self._blank(), "dropped": "no_solution"}
+        tok = tokenize_conversation(to_messages(record, cfg), self.tokenizer, cfg.loss_on, cfg.max_seq_len)
+        if tok["truncated"] and cfg.overflow == "drop":
+            return {**out, **self._blank(), "length": tok["length"], "dropped": "too_long"}
+        if not any(label != IGNORE for label in tok["labels"][1:]):
+            return {**out, **self._blank(), "length": tok["length"], "dropped": "no_trained_tokens"}
+        trained = sum(label != IGNORE for label in tok["labels"])
+        return {**out, "input_ids": tok["input_ids"], "labels": tok["labels"], "length": len(tok["input_ids"]),
+                "trained": trained, "truncated": tok["truncated"], "dropped": ""}
+
+    def _blank(self) -> dict[str, Any]:
+        if self.cfg.kind == "rl":
+            return {"prompt": ""}
+        return {"input_ids": [], "labels": [], "length": 0, "trained": 0, "truncated": False}
+
+
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit-decreasing bins of sample indices, each at most `capacity` tokens (a longer sample
+    gets a bin of its own). Open bins are bucketed by free space, so placing a sample is a binary
+    search over at most `capacity` distinct values: O(n log capacity), fine for millions of rows.
+    Within a bin, samples keep their original order."""
+    import bisect
+
+    bins: list[list[int]] = []
+    by_free: dict[int, list[int]] = {}  # free tokens -> open bins with exactly that much room
+    free_values: list[int] = []  # sorted distinct keys of by_free
+    for i in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        need = lengths[i]
+        at = bisect.bisect_left(free_values, need)
+        if need <= capacity and at < len(free_values):
+            free = free_values[at]
+            b = by_free[free].pop()
+            if not by_free[free]:
+                del by_free[free]
+                free_values.pop(at)
+        else:
+            b, free = len(bins), capacity
+            bins.append([])
+        bins[b].append(i)
+        left = free - need
+        if left > 0:
+            if left not in by_free:
+                by_free[left] = []
+                bisect.insort(free_values, left)
+            by_free[left].append(b)
+    return [sorted(b) for b in bins]
+
+
+def percentiles(values: list[int]) -> dict[str, int]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]  # noqa: E731
+    return {"min": ordered[0], "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": ordered[-1]}
+
+
+# --- run -------------------------------------------------------------------------------------
+
+
+def prepare(cfg: PrepareConfig) -> dict[str, Any]:
+    """Read, transform, filter, (pack,) save; returns stats (also written to OUT/stats.json)."""
+
+    from mathctl.core.console import log
+    from mathctl.core.io import atomic_write_json
+
+    out = Path(cfg.out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"output folder {out} is not empty", hint="choose a new --out folder")
+    began = time.perf_counter()
+    raw = load_raw(cfg)
+    first = next(iter(raw), None)
+    if first is None:
+        raise DataError(f"source {cfg.source} has no rows", hint="check --input / --split")
+    check_first_row(cfg, first)
+    transform = Transformer(cfg)
+    if cfg.streaming:
+        columns = None
+        processed = _stream_rows(raw, transform)
+    else:
+        columns = raw.column_names
+        processed = raw.map(transform, remove_columns=columns, num_proc=cfg.num_proc,
+                            desc=f"{cfg.source} -> {cfg.kind}")
+    kept, counts = _split_dropped(processed, cfg)
+    if len(kept) == 0:
+        raise DataError(f"no row of {cfg.source} survived preparation ({counts})", hint="check the source and settings")
+    stats: dict[str, Any] = {"source": cfg.source, "kind": cfg.kind, "rows_in": counts.pop("rows_in"),
+                             "rows_out": len(kept), "dropped": counts}
+    if cfg.kind == "sft":
+        lengths = kept["length"]
+        stats.update(tokens=sum(lengths), trained_tokens=sum(kept["trained"]), truncated=sum(kept["truncated"]),
+                     length_percentiles=percentiles(lengths))
+        if cfg.pack:
+            kept = _pack_dataset(kept, cfg.seq_len or cfg.max_seq_len)
+            stats.update(packed_rows=len(kept), seq_len=cfg.seq_len or cfg.max_seq_len,
+                         fill=round(stats["tokens"] / (len(kept) * (cfg.seq_len or cfg.max_seq_len)), 4))
+    tmp = out.parent / f".{out.name}.tmp"
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    kept.save_to_disk(str(tmp))
+    stats["seconds"] = round(time.perf_counter() - began, 3)
+    if cfg.kind == "sft":
+        stats["tokens_per_second"] = round(stats["tokens"] / max(stats["seconds"], 1e-9), 1)
+    stats["config"] = cfg.model_dump(mode="json")
+    atomic_write_json(tmp / "stats.json", stats)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    log(f"{cfg.source}: {stats['rows_out']} of {stats['rows_in']} rows -> {out}")
+    return stats
+
+
+def _stream_rows(raw, transform: Transformer) -> Iterator[dict[str, Any]]:
+    for row in raw:
+        yield transform(row)
+
+
+def _split_dropped(processed, cfg: PrepareConfig):
+    import datasets
+
+    if not isinstance(processed, datasets.Dataset):  # a generator (streaming): spill to Arrow on disk
+        rows = processed
+
+        def spill() -> Iterator[dict[str, Any]]:
+            yield from rows
+
+        processed = datasets.Dataset.from_generator(spill)
+    reasons = processed["dropped"]
+    counts: dict[str, int] = {"rows_in": len(reasons)}
+    for reason in reasons:
+        if reason:
+            counts[reason] = counts.get(reason, 0) + 1
+    kept = processed.filter(lambda r: not r, input_columns=["dropped"]).remove_columns(["dropped"])
+    return kept, counts
+
+
+def _pack_dataset(ds, capacity: int):
+    import datasets
+
+    bins = pack(ds["length"], capacity)
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for members in bins:
+            ids, labels, lens, problems = [], [], [], []
+            for i in members:
+                row = ds[int(i)]
+                ids += row["input_ids"]
+                labels += row["labels"]
+                lens.append(row["length"])
+                problems.append(row["problem"])
+            yield {"input_ids": ids, "labels": labels, "seq_lens": lens, "problems": problems, "length": len(ids)}
+
+    return datasets.Dataset.from_generator(rows)
