@@ -239,6 +239,42 @@ def data_synthetic(
     _emit({"status": "completed", "path": str(out), "rows": len(rows)}, json_out)
 
 
+@data_app.command("decontaminate", help="Drop training rows whose problem matches an eval test problem (exact, "
+                  "normalized, or shared word n-grams); writes a filtered copy in the input's format (save_to_disk "
+                  "folder, .jsonl or .parquet) and a decontamination.json report.")
+def data_decontaminate(
+    input_path: Path = typer.Argument(..., help="save_to_disk folder, .jsonl or .parquet file."),
+    against: str = typer.Option(..., "--against", help="Comma-separated eval tasks, or `all`: "
+                                + ", ".join(BENCHMARKS) + "."),
+    data_dir: Path = typer.Option(None, "--data-dir", help="Folder with NAME/test.jsonl (default: MATHCTL_DATA_DIR, "
+                                  "else the hub)."),
+    ngram: int = typer.Option(None, "--ngram", min=1, help="Words per n-gram [default: 8]."),
+    min_overlap: float = typer.Option(None, "--min-overlap", min=0.0, max=1.0,
+                                      help="Fraction of a test problem's n-grams a row must contain [default: 0.5]."),
+    number_variants: bool = typer.Option(False, "--number-variants", help="Also flag n-gram matches whose test "
+                                         "problem has numbers the row lacks (templated problems with other numbers)."),
+    field_name: str = typer.Option(None, "--field", help="Field with the problem (default: problem, question, "
+                                   "prompt or the first user message of messages)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output path (default: INPUT with a -decontaminated suffix)."),
+    json_out: bool = JsonOpt,
+) -> None:
+    from mathctl import decontaminate as decon
+    from mathctl.core.console import log
+
+    if input_path.is_dir():
+        _quiet_libraries()  # datasets reads and writes save_to_disk folders (jsonl and parquet need neither)
+    summary = decon.decontaminate_file(
+        input_path, against, out=out, data_dir=data_dir, field_name=field_name, same_numbers=not number_variants,
+        n=decon.DEFAULT_NGRAM if ngram is None else ngram,
+        min_overlap=decon.DEFAULT_MIN_OVERLAP if min_overlap is None else min_overlap)
+    kinds = ", ".join(f"{kind} {count}" for kind, count in summary["by_kind"].items())
+    tasks = ", ".join(f"{task} {count}" for task, count in summary["per_task"].items() if count) or "none"
+    log(f"removed {summary['rows_removed']} of {summary['rows_in']} rows ({kinds}); by task: {tasks}")
+    log(f"kept {summary['rows_kept']} rows -> {summary['output']} (report: {summary['report']}, "
+        f"{summary['seconds']:.1f} s)")
+    _emit(summary, json_out)
+
+
 @data_app.command("prepare", help="Prepare SFT (tokenized, loss-masked, optionally packed) or RL (prompt + "
                   "gold answer) data from a source as a datasets folder with stats.json. Sources: "
                   + ", ".join(__import__("mathctl.data", fromlist=["SOURCES"]).SOURCES))
