@@ -19,6 +19,7 @@ import typer
 from mathctl import __version__
 from mathctl.benchmarks import BENCHMARKS
 from mathctl.core.errors import EXIT_BUG, EXIT_OK, EXIT_USER, ConfigError, MathctlError
+from mathctl.data import SOURCES as DATA_SOURCES
 
 app = typer.Typer(
     name="mathctl",
@@ -77,6 +78,16 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _saved_recipe(step: str, run_dir: Path | None) -> str:
+    """`--resume --run-dir DIR` alone: the run's own resolved recipe."""
+    if run_dir is None:
+        raise ConfigError("--resume needs --run-dir", hint=f"mathctl {step} --resume --run-dir runs/{step}/NAME")
+    saved = run_dir / "recipe.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"cannot resume: {run_dir} holds no recipe.yaml", hint="point --run-dir at an earlier run's folder")
+    return str(saved)
+
+
 def run_step(step: str, *, recipe: str | None, overrides: list[str] | None, aliases: dict[str, Any],
              run_dir: Path | None, resume: bool, dry_run: bool, as_json: bool, slurm: bool, submit: bool) -> None:
     """Shared flow of every training/search step: resolve, validate, make the run folder, run or launch."""
@@ -88,13 +99,8 @@ def run_step(step: str, *, recipe: str | None, overrides: list[str] | None, alia
 
     module, config_cls = step_module(step)
     overrides = list(overrides or [])
-    if resume and recipe is None and not overrides and not any(v is not None for v in aliases.values()):
-        if run_dir is None:
-            raise ConfigError("--resume needs --run-dir", hint=f"mathctl {step} --resume --run-dir runs/{step}/NAME")
-        saved = run_dir / "recipe.yaml"
-        if not saved.is_file():
-            raise ConfigError(f"cannot resume: {run_dir} holds no recipe.yaml", hint="point --run-dir at an earlier run's folder")
-        recipe = str(saved)
+    if resume and recipe is None and not overrides and all(v is None for v in aliases.values()):
+        recipe = _saved_recipe(step, run_dir)
     if recipe is None:
         raise ConfigError(f"mathctl {step} needs --recipe", hint=f"e.g. mathctl {step} --recipe quickstart-{step}; "
                           f"`mathctl {step} --help` lists the shipped recipes")
@@ -152,14 +158,8 @@ def run_step(step: str, *, recipe: str | None, overrides: list[str] | None, alia
             raise RuntimeError(f"workers exited with code {code}; see their output above")
         summary = json.loads(run.summary_path.read_text())
     else:
-        try:
+        with run.failing():
             summary = module.run(cfg, run)
-        except MathctlError as exc:
-            run.update_meta(status="failed", error=exc.message)
-            raise
-        except BaseException:
-            run.update_meta(status="failed")
-            raise
     log(f"done: {summary.get('status')}; final model in {summary.get('final_dir', run.path)}")
     _emit(summary, as_json)
 
@@ -277,7 +277,7 @@ def data_decontaminate(
 
 @data_app.command("prepare", help="Prepare SFT (tokenized, loss-masked, optionally packed) or RL (prompt + "
                   "gold answer) data from a source as a datasets folder with stats.json. Sources: "
-                  + ", ".join(__import__("mathctl.data", fromlist=["SOURCES"]).SOURCES))
+                  + ", ".join(DATA_SOURCES))
 def data_prepare(
     source: str = typer.Argument(None, help="Source name (sets `source`).", show_default=False),
     overrides: list[str] = OverridesArg,
@@ -405,11 +405,7 @@ def eval_cmd(
                "eval.top_p": top_p, "eval.max_new_tokens": max_new_tokens, "eval.limit": limit,
                "eval.data_dir": data_dir, "eval.shard": shard, "eval.min_score": min_score, "engine.backend": backend}
     if resume and recipe is None and not overrides and all(v is None for v in aliases.values()):
-        if run_dir is None:
-            raise ConfigError("--resume needs --run-dir", hint="mathctl eval --resume --run-dir runs/eval/NAME")
-        recipe = str(run_dir / "recipe.yaml")
-        if not Path(recipe).is_file():
-            raise ConfigError(f"cannot resume: {run_dir} holds no recipe.yaml", hint="point --run-dir at an earlier eval's folder")
+        recipe = _saved_recipe("eval", run_dir)
     if recipe is None and model is None and not any(o.startswith("model.path=") for o in overrides):
         raise ConfigError("mathctl eval needs a model", hint="mathctl eval math500 --model PATH_OR_HUB_ID (or tiny:qwen2-tiny)")
     cfg, name = load_recipe("eval", evaluate.EvalConfig, recipe, overrides, aliases)
@@ -433,14 +429,8 @@ def eval_cmd(
         run_dir = Path(cfg.output.root) / "eval" / (cfg.output.name or f"{label}-{stamp}")
     run = RunDir.create(run_dir, recipe_yaml=dump_yaml(cfg), step="eval", resume=resume, seeds=cfg.seeds())
     log(f"run folder: {run.path}")
-    try:
+    with run.failing():
         summary = evaluate.run(cfg, run, problems=problems)
-    except MathctlError as exc:
-        run.update_meta(status="failed", error=exc.message)
-        raise
-    except BaseException:
-        run.update_meta(status="failed")
-        raise
     print_table(evaluate.render_table(summary))
     _emit(summary, json_out)
     evaluate.check_gate(summary)

@@ -254,12 +254,12 @@ def load_raw(cfg: PrepareConfig):
                 ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=cfg.streaming)
             else:
                 builder = "parquet" if path.suffix == ".parquet" else "json"
-                if path.suffix == ".jsonl":
-                    _check_jsonl_head(path)
                 ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=cfg.streaming)
         except DataError:
             raise
         except Exception as exc:
+            if path.suffix == ".jsonl":
+                _raise_bad_line(path)
             raise DataError(f"cannot read {path}: {_first_line(exc)}", hint="check the file's format") from None
     else:
         if source.hub_id is None:
@@ -280,8 +280,8 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _check_jsonl_head(path: Path) -> None:
-    """A malformed line is reported with its number (datasets' own error does not say where)."""
+def _raise_bad_line(path: Path) -> None:
+    """After datasets failed on a JSONL file: name the malformed line (its own error does not say where)."""
     from mathctl.core.io import iter_jsonl
 
     for _ in iter_jsonl(path):
@@ -344,6 +344,9 @@ class Transformer:
         self.cfg = cfg
         self.to_record = _record_fn(cfg)
         self.tokenizer = None
+        from mathctl.sft import tokenize_conversation
+
+        self.tokenize = tokenize_conversation
         if cfg.kind == "sft":
             from mathctl.core.config import ModelSpec
             from mathctl.models import load_tokenizer
@@ -351,8 +354,6 @@ class Transformer:
             self.tokenizer = load_tokenizer(ModelSpec(path=cfg.tokenizer, chat_template=cfg.chat_template))
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        from mathctl.sft import tokenize_conversation
-
         cfg = self.cfg
         empty = {"problem": "", "answer": "", "source": "", "difficulty": None}
         record = self.to_record(row)
@@ -370,7 +371,7 @@ class Transformer:
             return {**out, "prompt": cfg.prompt_template.replace("{problem}", out["problem"]), "dropped": ""}
         if not str(record.get("solution") or "").strip():
             return {**out, **self._blank(), "dropped": "no_solution"}
-        tok = tokenize_conversation(to_messages(record, cfg), self.tokenizer, cfg.loss_on, cfg.max_seq_len)
+        tok = self.tokenize(to_messages(record, cfg), self.tokenizer, cfg.loss_on, cfg.max_seq_len)
         if tok["truncated"] and cfg.overflow == "drop":
             return {**out, **self._blank(), "length": tok["length"], "dropped": "too_long"}
         if not any(label != IGNORE for label in tok["labels"][1:]):

@@ -20,6 +20,8 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +161,20 @@ class RunDir:
         if summary is not None:
             atomic_write_json(self.summary_path, summary)
         self.update_meta(status=status, ended=now())
+
+    @contextmanager
+    def failing(self) -> Iterator[None]:
+        """Mark the run failed in meta.json if the block raises (a user error also records its message)."""
+        from mathctl.core.errors import MathctlError
+
+        try:
+            yield
+        except MathctlError as exc:
+            self.update_meta(status="failed", error=exc.message)
+            raise
+        except BaseException:
+            self.update_meta(status="failed")
+            raise
 
     def log_metrics(self, record: dict[str, Any]) -> None:
         append_jsonl(self.metrics_path, record)
