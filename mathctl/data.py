@@ -58,6 +58,8 @@ from mathctl.core.config import Strict
 from mathctl.core.errors import ConfigError, DataError
 
 IGNORE = -100
+BATCH = 256  # rows per batched map call / streamed chunk
+PACK_BATCH = 4096  # bins per packing map call
 DEFAULT_PROMPT = "{problem}\nLet's think step by step and output the final answer within \\boxed{}."
 
 
@@ -338,15 +340,14 @@ def to_messages(record: dict[str, Any], cfg: PrepareConfig) -> list[dict[str, st
 
 
 class Transformer:
-    """Row -> output row (or None: dropped, with a reason). Picklable for `map(num_proc=...)`."""
+    """Source rows -> output rows (dropped ones carry the reason in `dropped`). Picklable for
+    `map(num_proc=...)`; `batch` is the batched form `Dataset.map(batched=True)` calls, which encodes
+    a whole batch of conversations in one call to the fast tokenizer."""
 
     def __init__(self, cfg: PrepareConfig):
         self.cfg = cfg
         self.to_record = _record_fn(cfg)
         self.tokenizer = None
-        from mathctl.sft import tokenize_conversation
-
-        self.tokenize = tokenize_conversation
         if cfg.kind == "sft":
             from mathctl.core.config import ModelSpec
             from mathctl.models import load_tokenizer
@@ -354,30 +355,63 @@ class Transformer:
             self.tokenizer = load_tokenizer(ModelSpec(path=cfg.tokenizer, chat_template=cfg.chat_template))
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        return self.rows([row])[0]
+
+    def batch(self, columns: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        names = list(columns)
+        count = len(columns[names[0]]) if names else 0
+        out = self.rows([{name: columns[name][k] for name in names} for k in range(count)])
+        return {key: [row[key] for row in out] for key in (out[0] if out else self._blank())}
+
+    def rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from mathctl.sft import tokenize_conversations
+
         cfg = self.cfg
-        empty = {"problem": "", "answer": "", "source": "", "difficulty": None}
+        out: list[dict[str, Any]] = []
+        pending: list[tuple[int, list[dict[str, str]]]] = []  # (index in out, messages) to tokenize
+        for row in rows:
+            head, record = self._head(row)
+            if head.get("dropped") is not None:
+                out.append(head)
+            elif cfg.kind == "rl":
+                out.append({**head, "prompt": cfg.prompt_template.replace("{problem}", head["problem"]), "dropped": ""})
+            else:
+                pending.append((len(out), to_messages(record, cfg)))
+                out.append(head)
+        if pending:
+            encoded = tokenize_conversations([m for _, m in pending], self.tokenizer, cfg.loss_on, cfg.max_seq_len)
+            for (k, _), tok in zip(pending, encoded):
+                out[k] = {**out[k], **self._finish(tok)}
+        return out
+
+    def _head(self, row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Metadata of a row, with `dropped` set when it is dropped before tokenizing."""
         record = self.to_record(row)
         if record is None:
-            return {**empty, **self._blank(), "dropped": "filtered"}
+            return {"problem": "", "answer": "", "source": "", "difficulty": None, **self._blank(),
+                    "dropped": "filtered"}, None
         answer = record.get("answer")
-        out = {"problem": str(record.get("problem") or ""), "answer": "" if answer is None else str(answer),
-               "source": record.get("source") or cfg.source,
-               "difficulty": None if record.get("difficulty") is None else float(record["difficulty"])}
-        if not out["problem"].strip():
-            return {**out, **self._blank(), "dropped": "no_problem"}
-        if cfg.kind == "rl":
-            if not out["answer"].strip():
-                return {**out, **self._blank(), "dropped": "no_answer"}
-            return {**out, "prompt": cfg.prompt_template.replace("{problem}", out["problem"]), "dropped": ""}
-        if not str(record.get("solution") or "").strip():
-            return {**out, **self._blank(), "dropped": "no_solution"}
-        tok = self.tokenize(to_messages(record, cfg), self.tokenizer, cfg.loss_on, cfg.max_seq_len)
-        if tok["truncated"] and cfg.overflow == "drop":
-            return {**out, **self._blank(), "length": tok["length"], "dropped": "too_long"}
-        if not any(label != IGNORE for label in tok["labels"][1:]):
-            return {**out, **self._blank(), "length": tok["length"], "dropped": "no_trained_tokens"}
-        trained = sum(label != IGNORE for label in tok["labels"])
-        return {**out, "input_ids": tok["input_ids"], "labels": tok["labels"], "length": len(tok["input_ids"]),
+        head = {"problem": str(record.get("problem") or ""), "answer": "" if answer is None else str(answer),
+                "source": record.get("source") or self.cfg.source,
+                "difficulty": None if record.get("difficulty") is None else float(record["difficulty"])}
+        if not head["problem"].strip():
+            reason = "no_problem"
+        elif self.cfg.kind == "rl":
+            reason = None if head["answer"].strip() else "no_answer"
+        else:
+            reason = None if str(record.get("solution") or "").strip() else "no_solution"
+        if reason:
+            return {**head, **self._blank(), "dropped": reason}, record
+        return head, record
+
+    def _finish(self, tok: dict[str, Any]) -> dict[str, Any]:
+        labels = tok["labels"]
+        trained = len(labels) - labels.count(IGNORE)
+        if tok["truncated"] and self.cfg.overflow == "drop":
+            return {**self._blank(), "length": tok["length"], "dropped": "too_long"}
+        if trained - (labels[0] != IGNORE if labels else 0) == 0:  # the first label is never a target
+            return {**self._blank(), "length": tok["length"], "dropped": "no_trained_tokens"}
+        return {"input_ids": tok["input_ids"], "labels": labels, "length": len(tok["input_ids"]),
                 "trained": trained, "truncated": tok["truncated"], "dropped": ""}
 
     def _blank(self) -> dict[str, Any]:
@@ -445,21 +479,27 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         raise DataError(f"source {cfg.source} has no rows", hint="check --input / --split")
     check_first_row(cfg, first)
     transform = Transformer(cfg)
+    spill = out.parent / f".{out.name}.stream"  # streaming: the transformed rows land here as Arrow first
     if cfg.streaming:
-        columns = None
-        processed = _stream_rows(raw, transform)
+        import shutil
+
+        import datasets
+
+        shutil.rmtree(spill, ignore_errors=True)  # never reuse an earlier (maybe interrupted) spill
+        processed = datasets.Dataset.from_generator(_stream_rows, gen_kwargs={"raw": raw, "transform": transform},
+                                                    cache_dir=str(spill))
     else:
         columns = raw.column_names
-        processed = raw.map(transform, remove_columns=columns, num_proc=cfg.num_proc,
-                            desc=f"{cfg.source} -> {cfg.kind}")
+        processed = raw.map(transform.batch, batched=True, batch_size=BATCH, remove_columns=columns,
+                            num_proc=cfg.num_proc, desc=f"{cfg.source} -> {cfg.kind}")
     kept, counts = _split_dropped(processed, cfg)
     if len(kept) == 0:
         raise DataError(f"no row of {cfg.source} survived preparation ({counts})", hint="check the source and settings")
     stats: dict[str, Any] = {"source": cfg.source, "kind": cfg.kind, "rows_in": counts.pop("rows_in"),
                              "rows_out": len(kept), "dropped": counts}
     if cfg.kind == "sft":
-        lengths = kept["length"]
-        stats.update(tokens=sum(lengths), trained_tokens=sum(kept["trained"]), truncated=sum(kept["truncated"]),
+        lengths = kept["length"][:]  # [:] reads the column in one go (iterating a Column goes row by row)
+        stats.update(tokens=sum(lengths), trained_tokens=sum(kept["trained"][:]), truncated=sum(kept["truncated"][:]),
                      length_percentiles=percentiles(lengths))
         if cfg.pack:
             kept = _pack_dataset(kept, cfg.seq_len or cfg.max_seq_len)
@@ -479,48 +519,65 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     if out.exists():
         out.rmdir()
     tmp.rename(out)
+    if spill.exists():
+        import shutil
+
+        shutil.rmtree(spill, ignore_errors=True)
     log(f"{cfg.source}: {stats['rows_out']} of {stats['rows_in']} rows -> {out}")
     return stats
 
 
-def _stream_rows(raw, transform: Transformer) -> Iterator[dict[str, Any]]:
+def _stream_rows(raw, transform: Transformer, batch: int = BATCH) -> Iterator[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
     for row in raw:
-        yield transform(row)
+        rows.append(row)
+        if len(rows) == batch:
+            yield from transform.rows(rows)
+            rows = []
+    if rows:
+        yield from transform.rows(rows)
 
 
 def _split_dropped(processed, cfg: PrepareConfig):
-    import datasets
-
-    if not isinstance(processed, datasets.Dataset):  # a generator (streaming): spill to Arrow on disk
-        rows = processed
-
-        def spill() -> Iterator[dict[str, Any]]:
-            yield from rows
-
-        processed = datasets.Dataset.from_generator(spill)
-    reasons = processed["dropped"]
+    reasons = processed["dropped"][:]
     counts: dict[str, int] = {"rows_in": len(reasons)}
     for reason in reasons:
         if reason:
             counts[reason] = counts.get(reason, 0) + 1
-    kept = processed.filter(lambda r: not r, input_columns=["dropped"]).remove_columns(["dropped"])
+    if len(counts) > 1:
+        processed = processed.filter(lambda rs: [not r for r in rs], input_columns=["dropped"], batched=True)
+    kept = processed.remove_columns(["dropped"])
     return kept, counts
 
 
 def _pack_dataset(ds, capacity: int):
+    """Packed rows, built in Arrow: a `map` over batches of bins takes the bins' samples (one Arrow
+    `take` per batch) and regroups them by new list offsets, so no token passes through Python and
+    memory holds one batch of bins, not the dataset."""
     import datasets
+    import numpy as np
+    import pyarrow as pa
 
-    bins = pack(ds["length"], capacity)
+    bins = pack(ds["length"][:], capacity)
+    source = ds.select_columns(["input_ids", "labels", "length", "problem"]).with_format("arrow")
 
-    def rows() -> Iterator[dict[str, Any]]:
-        for members in bins:
-            ids, labels, lens, problems = [], [], [], []
-            for i in members:
-                row = ds[int(i)]
-                ids += row["input_ids"]
-                labels += row["labels"]
-                lens.append(row["length"])
-                problems.append(row["problem"])
-            yield {"input_ids": ids, "labels": labels, "seq_lens": lens, "problems": problems, "length": len(ids)}
+    def build(batch: pa.Table) -> pa.Table:
+        members = batch.column("members").combine_chunks()
+        bounds = np.asarray(members.offsets) - members.offsets[0].as_py()  # sample index bounds of each bin
+        samples = source[np.asarray(members.flatten()).tolist()]
+        lengths = np.asarray(samples.column("length").combine_chunks(), dtype=np.int64)
+        token_bounds = np.concatenate([[0], np.cumsum(lengths)])[bounds]  # token bounds of each bin
 
-    return datasets.Dataset.from_generator(rows)
+        def regroup(column: str, offsets: np.ndarray) -> pa.Array:
+            values = samples.column(column).combine_chunks()
+            if column in ("input_ids", "labels"):
+                values = values.flatten()
+            return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
+
+        return pa.table({"input_ids": regroup("input_ids", token_bounds), "labels": regroup("labels", token_bounds),
+                         "seq_lens": pa.ListArray.from_arrays(pa.array(bounds, pa.int32()), pa.array(lengths)),
+                         "problems": regroup("problem", bounds), "length": pa.array(np.diff(token_bounds))})
+
+    binned = datasets.Dataset.from_dict({"members": bins}).with_format("arrow")
+    packed = binned.map(build, batched=True, batch_size=PACK_BATCH, remove_columns=["members"], desc="packing")
+    return packed.with_format(None)

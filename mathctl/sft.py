@@ -14,6 +14,8 @@ Phases: setup -> data -> model -> loop (forward/backward, step, log, eval, check
 
 from __future__ import annotations
 
+import bisect
+
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -192,35 +194,78 @@ def row_to_messages(row: dict[str, Any], data: SFTData, index: int) -> list[dict
 
 
 # --- data: messages -> token ids + labels ---------------------------------------------------
-def tokenize_conversation(messages: list[dict[str, str]], tokenizer, loss_on: str, max_len: int) -> dict[str, Any]:
-    """Render with the chat template, tokenize once, and label only the trained character spans.
+def conversation_spans(messages: list[dict[str, str]], tokenizer, loss_on: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans that carry loss.
 
     The assistant span of turn i is [len(render(messages[:i], gen_prompt=True)), len(render(messages[:i+1])));
-    with `completion` the header [len(render(messages[:i])), ...) is trained too. Spans are mapped to
-    tokens through the offsets of one tokenisation of the full text, so BPE merges across the
-    boundary cannot shift them.
+    with `completion` the header [len(render(messages[:i])), ...) is trained too. A template that does
+    not render conversations prefix by prefix is refused (no mask could be derived from it).
     """
     render = tokenizer.apply_chat_template
     full = render(messages, tokenize=False)
     spans: list[tuple[int, int]] = []
+    last = len(messages) - 1
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(messages[:i], tokenize=False, add_generation_prompt=False) if i else ""
         header = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        through = render(messages[: i + 1], tokenize=False)
+        through = full if i == last else render(messages[: i + 1], tokenize=False)
+        before = header
+        if loss_on == "completion":
+            before = render(messages[:i], tokenize=False, add_generation_prompt=False) if i else ""
         if not (full.startswith(through) and through.startswith(header) and header.startswith(before)):
             raise DataError("the chat template does not render conversations prefix by prefix; loss masks cannot be derived",
                             hint="choose another model.chat_template (chatml, tulu, llama3, rstar, plain)")
-        spans.append((len(before) if loss_on == "completion" else len(header), len(through)))
-    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = encoded["input_ids"]
-    labels = []
-    for token, (start, end) in zip(ids, encoded["offset_mapping"]):
-        trained = loss_on == "all" or any(s <= start < e or (start == end and s < end <= e) for s, e in spans)
-        labels.append(token if trained else IGNORE)
-    truncated = len(ids) > max_len
-    return {"input_ids": ids[:max_len], "labels": labels[:max_len], "truncated": truncated, "length": len(ids)}
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
+def label_tokens(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]], loss_on: str,
+                 max_len: int) -> dict[str, Any]:
+    """Labels from one tokenisation of the full text: a token is trained when its first character lies
+    in a trained span (a zero-width token when its position is inside the span or at its end), so BPE
+    merges across a span boundary cannot shift the mask."""
+    n = len(ids)
+    if loss_on == "all":
+        labels = list(ids)
+    else:
+        labels = [IGNORE] * n
+        starts = [start for start, _ in offsets]
+        if starts == sorted(starts):  # the usual case: spans are index ranges, found by bisection
+            for s, e in spans:
+                lo, hi = bisect.bisect_left(starts, s), bisect.bisect_left(starts, e)
+                labels[lo:hi] = ids[lo:hi]
+                k = hi
+                while k < n and starts[k] == e:  # zero-width tokens right at the span's end
+                    if offsets[k][1] == e:
+                        labels[k] = ids[k]
+                    k += 1
+        else:
+            for k, (start, end) in enumerate(offsets):
+                if any(s <= start < e or (start == end and s < end <= e) for s, e in spans):
+                    labels[k] = ids[k]
+    return {"input_ids": list(ids[:max_len]), "labels": labels[:max_len], "truncated": n > max_len, "length": n}
+
+
+def tokenize_conversation(messages: list[dict[str, str]], tokenizer, loss_on: str, max_len: int) -> dict[str, Any]:
+    """Render with the chat template, tokenize once, and label only the trained character spans."""
+    return tokenize_conversations([messages], tokenizer, loss_on, max_len)[0]
+
+
+def tokenize_conversations(conversations: list[list[dict[str, str]]], tokenizer, loss_on: str,
+                           max_len: int) -> list[dict[str, Any]]:
+    """`tokenize_conversation` for many: the texts are encoded in one batch (the fast tokenizer
+    spreads a batch over its threads)."""
+    rendered = [conversation_spans(messages, tokenizer, loss_on) for messages in conversations]
+    texts = [text for text, _ in rendered]
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None:  # straight to the Rust tokenizer: only ids and offsets are converted to Python
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        pairs = [(enc.ids, enc.offsets) for enc in encodings]
+    else:
+        encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        pairs = list(zip(encoded["input_ids"], encoded["offset_mapping"]))
+    return [label_tokens(ids, offsets, spans, loss_on, max_len) for (ids, offsets), (_, spans) in zip(pairs, rendered)]
 
 
 def prepare_examples(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict], dict[str, Any]]:
@@ -278,11 +323,12 @@ def _tokenize_all(conversations: list[list[dict]], tokenizer, cfg: SFTConfig) ->
         ds = ds.map(lambda row: tokenize_conversation(row["messages"], tokenizer, cfg.train.loss_on, cfg.train.max_seq_len),
                     num_proc=cfg.data.num_proc, remove_columns=["messages"], desc="tokenizing")
         return ds.to_list()
-    out = []
+    out: list[dict] = []
     with progress("tokenizing", len(conversations)) as advance:
-        for messages in conversations:
-            out.append(tokenize_conversation(messages, tokenizer, cfg.train.loss_on, cfg.train.max_seq_len))
-            advance()
+        for start in range(0, len(conversations), 256):
+            chunk = conversations[start:start + 256]
+            out += tokenize_conversations(chunk, tokenizer, cfg.train.loss_on, cfg.train.max_seq_len)
+            advance(len(chunk))
     return out
 
 

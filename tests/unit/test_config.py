@@ -112,7 +112,8 @@ def test_every_shipped_recipe_validates(path):
     # the header comment block says what it is and how to run it
     head = path.read_text().splitlines()[0]
     assert head.startswith("#"), f"{path} must start with a comment block"
-    assert f"mathctl {step} --recipe {path.stem}" in path.read_text()
+    command = "data prepare" if step == "data" else step
+    assert f"mathctl {command} --recipe {path.stem}" in path.read_text()
 
 
 def test_shipped_recipes_are_found_by_name():

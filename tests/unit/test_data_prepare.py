@@ -126,10 +126,16 @@ def test_gsm8k_solution_rewrite():
     assert final == "1024" and "<<" not in sol and sol.endswith("The final answer is \\boxed{1024}.")
 
 
-def test_packing_keeps_every_token_once(tmp_path):
-    src = _cfg(tmp_path, "synthetic", synthetic_rows=200, out=str(tmp_path / "flat"))
-    prepare(src)
+@pytest.mark.parametrize("pack_batch, max_seq_len", [(4096, 4096), (7, 4096), (5, 121)])
+def test_packing_keeps_every_token_once(tmp_path, monkeypatch, pack_batch, max_seq_len):
+    # small pack batches: bins are regrouped across many map batches; max_seq_len 121 drops some
+    # rows first, so packing reads through the filtered dataset's index mapping
+    monkeypatch.setattr("mathctl.data.PACK_BATCH", pack_batch)
+    src = _cfg(tmp_path, "synthetic", synthetic_rows=200, out=str(tmp_path / "flat"), max_seq_len=max_seq_len)
+    stats = prepare(src)
     flat = _load(tmp_path / "flat")
+    if max_seq_len < 4096:
+        assert 0 < stats["dropped"]["too_long"] < 200
     stats = prepare(src.model_copy(update={"out": str(tmp_path / "packed"), "pack": True, "seq_len": 512}))
     packed = _load(tmp_path / "packed")
     assert stats["packed_rows"] == len(packed) < len(flat) and stats["fill"] > 0.9
@@ -195,3 +201,19 @@ def test_bad_input(tmp_path):
     with pytest.raises(ConfigError, match="not empty"):
         prepare(PrepareConfig(source="gsm8k", input=str(bad), out=str(tmp_path / "full"), kind="rl"))
     assert (tmp_path / "full" / "x").read_text() == "keep me"
+
+
+def test_streaming_gives_the_same_rows(tmp_path):
+    """`streaming` reads the source row by row and tokenizes it in chunks of BATCH rows: the same
+    output as the Arrow path, row for row (600 rows: chunks of 256 end mid-file)."""
+    rows = [{"question": f"Ann has {i} pens and buys {i % 7} more. How many?",
+             "answer": f"{i} + {i % 7} = <<{i}+{i % 7}={i + i % 7}>>{i + i % 7}\n#### {i + i % 7}"} for i in range(600)]
+    rows[5]["question"] = " "  # one row without a problem: dropped on both paths
+    path = _write(tmp_path, rows)
+    base = {"source": "gsm8k", "input": str(path), "tokenizer": "tiny:qwen2-tiny", "chat_template": "chatml"}
+    a = prepare(PrepareConfig(**base, out=str(tmp_path / "a")))
+    b = prepare(PrepareConfig(**base, out=str(tmp_path / "b"), streaming=True))
+    assert a["rows_out"] == b["rows_out"] == 599 and a["tokens"] == b["tokens"]
+    assert a["dropped"] == b["dropped"] == {"no_problem": 1}
+    assert _load(tmp_path / "a").to_list() == _load(tmp_path / "b").to_list()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no spill or temp folder left

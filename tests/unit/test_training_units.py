@@ -216,3 +216,51 @@ def test_slurm_node_command_expands_rank_per_node(tmp_path):
     assert "--machine_rank 1 " in out
     assert "--main_process_ip 10.0.0.1 --main_process_port 29511" in out
     assert "--num_processes 4 --num_machines 2" in out
+
+
+def _labels_by_rule(ids, offsets, spans):
+    """The labelling rule spelled out token by token (the reference for the bisection fast path)."""
+    return [t if any(s <= a < e or (a == b and s < b <= e) for s, e in spans) else IGNORE
+            for t, (a, b) in zip(ids, offsets)]
+
+
+def _one_labelling_case(case):
+    import random
+
+    from mathctl.sft import label_tokens
+
+    rng = random.Random(case)
+    offsets, pos = [], 0
+    for _ in range(rng.randint(0, 40)):  # contiguous tokens, some zero-width (special or empty tokens)
+        width = 0 if rng.random() < 0.15 else rng.randint(1, 4)
+        offsets.append((pos, pos + width))
+        pos += width
+    if case % 5 == 0 and len(offsets) > 2:  # offsets out of order: the general path
+        rng.shuffle(offsets)
+    ids = [rng.randint(0, 999) for _ in offsets]
+    spans = sorted((a, a + rng.randint(0, 12)) for a in rng.sample(range(pos + 2), min(3, pos + 2)))
+    spans = [s for i, s in enumerate(spans) if i == 0 or s[0] >= spans[i - 1][1]]  # disjoint, as turns are
+    loss_on = "assistant"
+    out = label_tokens(ids, offsets, spans, loss_on, 4096)
+    assert out["labels"] == _labels_by_rule(ids, offsets, spans)
+    assert out["input_ids"] == ids and out["length"] == len(ids) and not out["truncated"]
+
+
+def test_label_tokens_fast_path_matches_the_rule():
+    for case in range(300):  # random offsets with zero-width tokens; every fifth case shuffled (general path)
+        _one_labelling_case(case)
+
+
+def test_batched_backend_encoding_matches_the_tokenizer_call(tokenizer):
+    from mathctl.sft import conversation_spans, label_tokens, tokenize_conversations
+
+    tokenizer.chat_template = CHAT_TEMPLATES["chatml"]
+    convs = [CONVERSATION, CONVERSATION[1:3], [{"role": "user", "content": "ünïcode  spaces\\t and 3.14"},
+                                               {"role": "assistant", "content": " lead space \\boxed{π}"}]]
+    for loss_on in ("assistant", "completion", "all"):
+        batched = tokenize_conversations(convs, tokenizer, loss_on, 4096)
+        for conv, got in zip(convs, batched):
+            text, spans = conversation_spans(conv, tokenizer, loss_on)
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            assert got == label_tokens(enc["input_ids"], enc["offset_mapping"], spans, loss_on, 4096)
+            assert got["input_ids"] == enc["input_ids"]
