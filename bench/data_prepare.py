@@ -4,7 +4,8 @@ What is measured
     Tokens per second of turning a JSONL file of GSM8K rows (question, answer "... #### 72") into
     a tokenized, loss-masked SFT dataset saved on disk: the output tokens (sum of `input_ids`
     lengths) divided by the wall-clock seconds from reading the JSONL to the end of
-    `save_to_disk`. Python start-up, imports and the tokenizer load are outside the clock.
+    `save_to_disk`. Python start-up, imports and the first tokenizer load are outside the clock. The mathctl side
+    runs the `mathctl data prepare` command in-process (`cli.main`), environment set-up included.
 
 What is kept the same
     The rows (`--rows` GSM8K-style rows: the real GSM8K train file from ../shared/data cycled, each
@@ -95,16 +96,32 @@ def write_rows(path: Path, rows: int) -> str:
 
 # --- the two sides (each in its own subprocess) ------------------------------------------------
 def side_mathctl(args: argparse.Namespace) -> dict[str, Any]:
-    from mathctl.data import PrepareConfig, Transformer, prepare
+    """The `mathctl data prepare` command itself (its environment set-up included), in this process."""
+    import contextlib
+    import io
 
-    cfg = PrepareConfig(source="gsm8k", input=args._input, out=args._out, tokenizer=args._tokenizer,
-                        chat_template="chatml", prompt_template=PROMPT.replace("{{}}", "{}"), loss_on="assistant",
-                        num_proc=args.num_proc, pack=args.pack is not None,
-                        max_seq_len=4096 if args.pack is None else min(4096, args.pack), seq_len=args.pack)
-    Transformer(cfg)  # loads the tokenizer once, outside the clock (prepare loads it again from the OS cache)
+    from mathctl import cli
+    from mathctl.core.config import ModelSpec
+    from mathctl.models import load_tokenizer
+
+    load_tokenizer(ModelSpec(path=args._tokenizer, chat_template="chatml"))  # imports and first load off the clock
+    recipe = Path(args._out).parent / "data-recipe.yaml"  # a recipe file keeps the prompt's newlines exact
+    recipe.write_text(f"source: gsm8k\nchat_template: chatml\nloss_on: assistant\n"
+                      f"prompt_template: {json.dumps(PROMPT.replace('{{}}', '{}'))}\n")
+    argv = ["data", "prepare", "--recipe", str(recipe), "--input", args._input, "--out", args._out,
+            "--tokenizer", args._tokenizer, "--json"]
+    if args.num_proc:
+        argv += ["--num-proc", str(args.num_proc)]
+    if args.pack:
+        argv += ["pack=true", f"seq_len={args.pack}", f"max_seq_len={min(4096, args.pack)}"]
+    captured = io.StringIO()
     began = time.perf_counter()
-    stats = prepare(cfg)
+    with contextlib.redirect_stdout(captured):
+        code = cli.main(argv)
     seconds = time.perf_counter() - began
+    if code != 0:
+        raise SystemExit(f"mathctl data prepare exited {code}")
+    stats = json.loads(captured.getvalue().strip().splitlines()[-1])
     return {"tokens": stats["tokens"], "trained_tokens": stats["trained_tokens"], "rows": stats["rows_out"],
             "seconds": seconds, "out_rows": stats.get("packed_rows", stats["rows_out"])}
 

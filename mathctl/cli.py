@@ -308,7 +308,14 @@ def data_prepare(
     if dry_run:
         sys.stdout.write(dump_yaml(cfg))
         return
+    if cfg.streaming or not cfg.num_proc or cfg.num_proc == 1:
+        # one process: the fast tokenizer may spread each batch over the cores (nothing forks later)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     _quiet_libraries()
+    if not cfg.streaming and cfg.num_proc and cfg.num_proc > 1:
+        import datasets
+
+        datasets.enable_progress_bars()  # the workers' map progress (our bar covers in-process work)
     stats = prepare(cfg)
     stats.pop("config", None)
     _emit({"status": "completed", "out": cfg.out, **stats}, json_out)

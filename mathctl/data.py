@@ -348,11 +348,15 @@ class Transformer:
         self.cfg = cfg
         self.to_record = _record_fn(cfg)
         self.tokenizer = None
+        self.advance: Callable[[int], None] | None = None  # progress callback (in-process runs only)
         if cfg.kind == "sft":
             from mathctl.core.config import ModelSpec
             from mathctl.models import load_tokenizer
 
             self.tokenizer = load_tokenizer(ModelSpec(path=cfg.tokenizer, chat_template=cfg.chat_template))
+
+    def __getstate__(self) -> dict[str, Any]:  # workers and datasets' fingerprint get no progress bar
+        return {**self.__dict__, "advance": None}
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         return self.rows([row])[0]
@@ -382,6 +386,8 @@ class Transformer:
             encoded = tokenize_conversations([m for _, m in pending], self.tokenizer, cfg.loss_on, cfg.max_seq_len)
             for (k, _), tok in zip(pending, encoded):
                 out[k] = {**out[k], **self._finish(tok)}
+        if self.advance is not None:
+            self.advance(len(rows))
         return out
 
     def _head(self, row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -466,7 +472,7 @@ def percentiles(values: list[int]) -> dict[str, int]:
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """Read, transform, filter, (pack,) save; returns stats (also written to OUT/stats.json)."""
 
-    from mathctl.core.console import log
+    from mathctl.core.console import log, progress
     from mathctl.core.io import atomic_write_json
 
     out = Path(cfg.out).expanduser()
@@ -480,18 +486,21 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     check_first_row(cfg, first)
     transform = Transformer(cfg)
     spill = out.parent / f".{out.name}.stream"  # streaming: the transformed rows land here as Arrow first
-    if cfg.streaming:
-        import shutil
+    in_process = cfg.streaming or not cfg.num_proc or cfg.num_proc == 1
+    with progress(f"{cfg.source} -> {cfg.kind}", None if cfg.streaming else len(raw), enabled=in_process) as advance:
+        transform.advance = advance
+        if cfg.streaming:
+            import shutil
 
-        import datasets
+            import datasets
 
-        shutil.rmtree(spill, ignore_errors=True)  # never reuse an earlier (maybe interrupted) spill
-        processed = datasets.Dataset.from_generator(_stream_rows, gen_kwargs={"raw": raw, "transform": transform},
-                                                    cache_dir=str(spill))
-    else:
-        columns = raw.column_names
-        processed = raw.map(transform.batch, batched=True, batch_size=BATCH, remove_columns=columns,
-                            num_proc=cfg.num_proc, desc=f"{cfg.source} -> {cfg.kind}")
+            shutil.rmtree(spill, ignore_errors=True)  # never reuse an earlier (maybe interrupted) spill
+            processed = datasets.Dataset.from_generator(_stream_rows, gen_kwargs={"raw": raw, "transform": transform},
+                                                        cache_dir=str(spill))
+        else:
+            processed = raw.map(transform.batch, batched=True, batch_size=BATCH, remove_columns=raw.column_names,
+                                num_proc=cfg.num_proc, desc=f"{cfg.source} -> {cfg.kind}")
+        transform.advance = None
     kept, counts = _split_dropped(processed, cfg)
     if len(kept) == 0:
         raise DataError(f"no row of {cfg.source} survived preparation ({counts})", hint="check the source and settings")

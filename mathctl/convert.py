@@ -1,0 +1,845 @@
+"""`mathctl convert-ckpt`: checkpoints between PyTorch DCP, `.pt` state dicts, mathctl's FSDP run
+checkpoints, LoRA adapters and Hugging Face folders.
+
+    mathctl convert-ckpt SRC DST [--from hf|dcp|fsdp|torch|lora] [--to hf|dcp|torch] [--base-model M]
+
+Sources (`--from`, detected when left out):
+    hf     a Hugging Face folder: model.safetensors, or shards + model.safetensors.index.json
+    dcp    a `torch.distributed.checkpoint` folder (`.metadata` + `*.distcp`), e.g. NeMo RL's
+           `weights/`; a top-level `model.` group beside optimiser state is unwrapped
+    fsdp   a mathctl sft/rm/grpo run folder (its newest complete checkpoint) or one
+           `checkpoints/step_N/` folder, written by any number of FSDP ranks: DCP underneath, with the
+           run's LoRA adapters merged and config/tokenizer taken from the run
+    torch  a `.pt`/`.bin`/`.pth` state dict (loaded with `weights_only=True`, memory-mapped), also
+           nested under `state_dict`/`model`/`module`
+    lora   a peft adapter folder (adapter_config.json + adapter_model.safetensors) merged into its
+           base (`--base-model`, default the adapter's `base_model_name_or_path`)
+
+Key surgery (every source): wrapper segments that training code inserts are removed anywhere in a
+name (`_fsdp_wrapped_module.`, `_orig_mod.` from torch.compile, `_checkpoint_wrapped_module.`,
+leading `module.` from DDP), then the `model.` prefix is added or removed, whichever matches the
+model the config describes; a tied output embedding (`lm_head.weight` sharing the input embedding)
+is written once, as `save_pretrained` does; stale `rotary_emb.inv_freq` buffers are dropped.
+
+Checks: with a config (the source's, or `--base-model`'s) the names and shapes are compared with
+the model it builds on the meta device; missing names (unless `--allow-missing`), unexpected names
+and shape mismatches are listed and exit 2. After writing, every output file is read back and
+each tensor's count and BLAKE2 checksum compared with what was written.
+
+Memory: HF and DCP outputs are written in groups of at most `--shard-size` bytes, read from the
+source group by group (DCP: one `dcp.load` per group, which reads only those tensors' byte ranges;
+safetensors and `.pt` are memory-mapped), so the peak stays near one output shard plus the largest
+tensor whatever the model size. A `.pt` output is one pickle and needs the whole state in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import shutil
+import struct
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mathctl.core.errors import CheckpointError, ConfigError
+
+FROM_FORMATS = ("hf", "dcp", "fsdp", "torch", "lora")
+TO_FORMATS = ("hf", "dcp", "torch")
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+          "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+WRAPPERS = ("_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
+DROPPABLE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' / '500MB' / '2GiB' / a byte count -> bytes (GB = 10^9, as Hugging Face counts)."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?I?B?)\s*", text.upper())
+    if not match:
+        raise ConfigError(f"cannot read the size '{text}'", hint="write e.g. 5GB, 500MB or 2GiB")
+    number, unit = float(match.group(1)), match.group(2).rstrip("B")
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    size = int(number * scale)
+    if size < 1:
+        raise ConfigError(f"shard size '{text}' is below one byte", hint="e.g. --shard-size 5GB")
+    return size
+
+
+# --- tensors in a source ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class Source:
+    """Tensors by name (`entries`) and a way to read a group of them."""
+
+    kind: str
+    path: Path
+    entries: dict[str, Entry]
+    reader: Callable[[list[str]], dict[str, torch.Tensor]]
+    model_dir: str | None = None  # where config / tokenizer / generation config can come from
+    notes: list[str] = field(default_factory=list)
+    lora: dict[str, Any] | None = None  # {"scale": float, "fan_in_fan_out": bool} when peft names are present
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        return self.reader(keys)
+
+
+def detect_format(src: Path) -> str:
+    if src.is_file():
+        if src.suffix == ".safetensors":
+            return "hf"
+        return "torch"
+    if (src / "adapter_config.json").is_file():
+        return "lora"
+    if (src / ".metadata").is_file():
+        return "dcp"
+    if (src / "dcp" / ".metadata").is_file() or (src / "checkpoints").is_dir():
+        return "fsdp"
+    if any(src.glob("*.safetensors")):
+        return "hf"
+    if [p for p in src.iterdir() if p.suffix in (".pt", ".bin", ".pth")]:
+        return "torch"
+    raise ConfigError(f"cannot tell the checkpoint format of {src}",
+                      hint=f"name it with --from ({', '.join(FROM_FORMATS)})")
+
+
+def open_source(src: Path, fmt: str, *, base_model: str | None) -> Source:
+    if not src.exists():
+        raise ConfigError(f"checkpoint {src} does not exist", hint="check the SRC path")
+    if fmt not in FROM_FORMATS:
+        raise ConfigError(f"unknown source format '{fmt}'", hint=f"--from one of: {', '.join(FROM_FORMATS)}")
+    opener = {"hf": _open_hf, "dcp": _open_dcp, "fsdp": _open_run, "torch": _open_torch, "lora": _open_lora}[fmt]
+    source = opener(src, base_model)
+    if not source.entries:
+        raise CheckpointError(f"{src} holds no tensors", hint=f"is it a {fmt} checkpoint? name the format with --from")
+    return source
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    with path.open("rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header
+
+
+def _safetensors_entries(files: list[Path]) -> tuple[dict[str, Entry], dict[str, Path]]:
+    entries: dict[str, Entry] = {}
+    where: dict[str, Path] = {}
+    for file in files:
+        try:
+            header = _safetensors_header(file)
+        except (OSError, ValueError, struct.error) as exc:
+            raise CheckpointError(f"{file} is not a readable safetensors file ({exc})",
+                                  hint="the file may be cut short; copy it again") from None
+        for name, info in header.items():
+            if info["dtype"] not in _ST_DTYPES:
+                raise CheckpointError(f"{file}: tensor {name} has dtype {info['dtype']}, which this converter does not handle")
+            entries[name] = Entry(name, tuple(info["shape"]), _ST_DTYPES[info["dtype"]])
+            where[name] = file
+    return entries, where
+
+
+def _safetensors_reader(where: dict[str, Path]) -> Callable[[list[str]], dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    def read(keys: list[str]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(where[key], []).append(key)
+        for file, names in by_file.items():
+            with safe_open(str(file), framework="pt") as f:
+                for name in names:
+                    out[name] = f.get_tensor(name)
+        return out
+
+    return read
+
+
+def _open_hf(src: Path, base_model: str | None) -> Source:
+    if src.is_file():
+        files = [src]
+        folder = src.parent
+    else:
+        folder = src
+        index = src / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({src / name for name in weight_map.values()})
+            absent = [f.name for f in files if not f.is_file()]
+            if absent:
+                raise CheckpointError(f"{src}: the index names shards that are not there: {', '.join(absent[:3])}",
+                                      hint="copy the missing shards")
+        else:
+            files = sorted(src.glob("*.safetensors"))
+        if not files:
+            bins = sorted(p.name for p in src.glob("*.bin"))
+            hint = f"it holds {bins[0]}: convert it with --from torch" if bins else "point SRC at a model folder"
+            raise CheckpointError(f"{src} has no .safetensors files", hint=hint)
+    entries, where = _safetensors_entries(files)
+    model_dir = str(folder) if (folder / "config.json").is_file() else None
+    return Source("hf", src, entries, _safetensors_reader(where), model_dir=base_model or model_dir)
+
+
+# DCP ------------------------------------------------------------------------------------------
+
+
+def _dcp_entries(folder: Path) -> dict[str, Entry]:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        metadata = FileSystemReader(str(folder)).read_metadata()
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign .metadata file
+        raise CheckpointError(f"cannot read the DCP metadata of {folder} ({type(exc).__name__}: {exc})",
+                              hint="is the checkpoint complete? a DCP folder holds .metadata and *.distcp files") from None
+    return {key: Entry(key, tuple(meta.size), meta.properties.dtype)
+            for key, meta in metadata.state_dict_metadata.items() if isinstance(meta, TensorStorageMetadata)}
+
+
+def _dcp_reader(folder: Path) -> Callable[[list[str]], dict[str, torch.Tensor]]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    entries = _dcp_entries(folder)
+
+    def read(keys: list[str]) -> dict[str, torch.Tensor]:
+        state = {key: torch.empty(entries[key].shape, dtype=entries[key].dtype) for key in keys}
+        with warnings.catch_warnings():  # one process, no process group: intended
+            warnings.filterwarnings("ignore", message=".*torch.distributed.*")
+            dcp.load(state, storage_reader=FileSystemReader(str(folder)))
+        return state
+
+    return read
+
+
+def _open_dcp(src: Path, base_model: str | None) -> Source:
+    folder = src / "dcp" if (src / "dcp" / ".metadata").is_file() else src
+    if not (folder / ".metadata").is_file():
+        raise CheckpointError(f"{src} is not a DCP checkpoint (no .metadata file)",
+                              hint="point SRC at the folder that holds .metadata and the *.distcp files")
+    raw = _dcp_entries(folder)
+    reader = _dcp_reader(folder)
+    groups = {key.split(".", 1)[0] for key in raw}
+    notes = []
+    if "model" in groups and len(groups) > 1:  # {"model": ..., "optim": ...}: the model part only
+        prefix = "model."
+        notes.append(f"DCP groups {sorted(groups)}: converting the `model` group")
+        entries = {key[len(prefix):]: Entry(key[len(prefix):], e.shape, e.dtype)
+                   for key, e in raw.items() if key.startswith(prefix)}
+
+        def read(keys: list[str]) -> dict[str, torch.Tensor]:
+            got = reader([prefix + k for k in keys])
+            return {k[len(prefix):]: v for k, v in got.items()}
+
+        return Source("dcp", src, entries, read, model_dir=base_model, notes=notes)
+    return Source("dcp", src, raw, reader, model_dir=base_model, notes=notes)
+
+
+def _open_run(src: Path, base_model: str | None) -> Source:
+    """A mathctl run folder (newest complete checkpoint) or one of its step folders."""
+    step = src
+    if (src / "checkpoints").is_dir():
+        done = sorted(p for p in (src / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file())
+        if not done:
+            raise CheckpointError(f"run {src} has no complete checkpoint", hint="point SRC at a checkpoints/step_N folder")
+        step = done[-1]
+    if not (step / "dcp" / ".metadata").is_file():
+        raise CheckpointError(f"{src} is not a mathctl checkpoint (no dcp/.metadata)",
+                              hint="point SRC at a run folder or at its checkpoints/step_N/")
+    source = _open_dcp(step, None)
+    source.kind = "fsdp"
+    run = step.parent.parent
+    recipe = _read_recipe(run / "recipe.yaml")
+    model_dir = base_model
+    for candidate in (step / "hf", run / "final"):
+        if model_dir is None and (candidate / "config.json").is_file():
+            model_dir = str(candidate)
+    if model_dir is None and recipe.get("model", {}).get("path"):
+        from mathctl.models import resolve_model_path
+
+        model_dir = resolve_model_path(str(recipe["model"]["path"]))
+    source.model_dir = model_dir
+    lora = recipe.get("lora") or {}
+    if any(".lora_A." in key for key in source.entries):
+        if not lora:
+            raise CheckpointError(f"{step} holds LoRA adapters but {run / 'recipe.yaml'} has no lora section",
+                                  hint="convert the run folder as written by mathctl, or merge the adapter with --from lora")
+        source.lora = {"scale": float(lora.get("alpha", 32)) / float(lora.get("r", 16)), "fan_in_fan_out": False}
+    source.notes.append(f"checkpoint {step.name} of run {run.name}")
+    return source
+
+
+def _read_recipe(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+# .pt ------------------------------------------------------------------------------------------
+
+
+def _open_torch(src: Path, base_model: str | None) -> Source:
+    file = src
+    if src.is_dir():
+        files = sorted(p for p in src.iterdir() if p.suffix in (".pt", ".bin", ".pth"))
+        if len(files) != 1:
+            raise CheckpointError(f"{src} holds {len(files)} .pt/.bin/.pth files; one state dict file is expected",
+                                  hint="point SRC at the file itself")
+        file = files[0]
+    try:
+        try:
+            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # legacy (non-zip) files cannot be memory-mapped
+            if "mmap" not in str(exc):
+                raise
+            obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling refuses code objects, or the file is damaged
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot load {file} as a state dict with weights_only=True ({first})",
+                              hint="only plain tensors (and dicts of them) are loaded; re-save it with "
+                                   "torch.save(model.state_dict(), path)") from None
+    notes = []
+    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        nested = next((k for k in ("state_dict", "model", "module", "model_state_dict") if isinstance(obj.get(k), dict)), None)
+        if nested is None:
+            break
+        notes.append(f"state dict nested under '{nested}'")
+        obj = obj[nested]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{file} holds a {type(obj).__name__}, not a state dict",
+                              hint="save model.state_dict(), not the model object")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    skipped = len(obj) - len(tensors)
+    if skipped:
+        notes.append(f"{skipped} non-tensor entries ignored")
+    entries = {k: Entry(k, tuple(v.shape), v.dtype) for k, v in tensors.items()}
+    model_dir = base_model or (str(file.parent) if (file.parent / "config.json").is_file() else None)
+    return Source("torch", src, entries, lambda keys: {k: tensors[k] for k in keys}, model_dir=model_dir, notes=notes)
+
+
+# LoRA -----------------------------------------------------------------------------------------
+
+
+def _open_lora(src: Path, base_model: str | None) -> Source:
+    config = json.loads((src / "adapter_config.json").read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{src} is a {config.get('peft_type')} adapter; only LoRA adapters are merged")
+    if config.get("use_dora"):
+        raise CheckpointError(f"{src} is a DoRA adapter, which this converter does not merge",
+                              hint="merge it with peft's merge_and_unload()")
+    base = base_model or config.get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{src}/adapter_config.json names no base model", hint="give --base-model")
+    from mathctl.models import resolve_model_path
+
+    base_dir = _local_model_dir(resolve_model_path(base))
+    base_source = _open_hf(base_dir, None)
+    files = sorted(src.glob("adapter_model*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{src} has no adapter_model.safetensors", hint="save the adapter with safe_serialization")
+    adapter, where = _safetensors_entries(files)
+    read_adapter = _safetensors_reader(where)
+    r = int(config.get("r", 8))
+    alpha = float(config.get("lora_alpha", r))
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise CheckpointError(f"{src} uses per-module ranks or alphas (rank_pattern/alpha_pattern), not handled here",
+                              hint="merge it with peft's merge_and_unload()")
+    # peft names: base_model.model.<module>.lora_A.weight ; full copies: base_model.model.<name>
+    entries = dict(base_source.entries)
+    extra = {f"adapter::{k}": Entry(f"adapter::{k}", e.shape, e.dtype) for k, e in adapter.items()}
+
+    def read(keys: list[str]) -> dict[str, torch.Tensor]:
+        base_keys = [k for k in keys if not k.startswith("adapter::")]
+        out = base_source.read(base_keys)
+        names = [k[len("adapter::"):] for k in keys if k.startswith("adapter::")]
+        out.update({f"adapter::{k}": v for k, v in read_adapter(names).items()})
+        return out
+
+    source = Source("lora", src, {**entries, **extra}, read, model_dir=str(base_dir),
+                    notes=[f"LoRA r={r} alpha={alpha:g} scale={scale:g} merged into {base}"])
+    source.lora = {"scale": scale, "fan_in_fan_out": bool(config.get("fan_in_fan_out"))}
+    return source
+
+
+def _local_model_dir(path: str) -> Path:
+    local = Path(path)
+    if local.is_dir():
+        return local
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+
+
+# --- names: source -> target -----------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """Target tensors in write order, each made from source tensors by `build`."""
+
+    targets: list[Entry]
+    sources: dict[str, list[str]]  # target -> source keys it reads
+    merges: dict[str, tuple[str, str]]  # target -> (lora_A key, lora_B key)
+    dropped: list[str]
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: list[str]
+    mapping: list[tuple[str, str]]  # (source key, target key) for --dry-run
+    tied: list[str]
+
+
+def strip_wrappers(key: str) -> str:
+    for wrapper in WRAPPERS:
+        key = key.replace(wrapper, "")
+    while key.startswith("module."):
+        key = key[len("module."):]
+    return key
+
+
+def _peft_names(keys: list[str]) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+    """peft names -> base names, and base weight -> (lora_A, lora_B) source keys."""
+    renamed: dict[str, str] = {}
+    pairs: dict[str, list[str | None]] = {}
+    for key in keys:
+        bare = key[len("adapter::"):] if key.startswith("adapter::") else key
+        bare = strip_wrappers(bare)
+        if bare.startswith("base_model.model."):
+            bare = bare[len("base_model.model."):]
+        match = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", bare)
+        if match:
+            slot = pairs.setdefault(f"{match.group(1)}.weight", [None, None])
+            slot[0 if match.group(2) == "A" else 1] = key
+            continue
+        if ".lora_" in bare or "lora_magnitude_vector" in bare:
+            raise CheckpointError(f"adapter tensor {key} is not a LoRA A/B matrix (DoRA or embedding adapters are not merged)")
+        bare = bare.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
+        renamed[key] = bare
+    incomplete = [name for name, (a, b) in pairs.items() if a is None or b is None]
+    if incomplete:
+        raise CheckpointError(f"LoRA pair incomplete for {incomplete[0]} (lora_A or lora_B missing)")
+    return renamed, {name: (a, b) for name, (a, b) in pairs.items()}  # type: ignore[misc]
+
+
+def expected_model(model_dir: str | None, trust_remote_code: bool) -> tuple[Any, dict[str, Entry], dict[str, str]] | None:
+    """(config, name -> Entry, tied alias -> the name it shares storage with) from a meta-device model."""
+    if model_dir is None:
+        return None
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - a missing or unreadable config.json
+        raise CheckpointError(f"cannot read the model config from {model_dir} ({type(exc).__name__})",
+                              hint="give --base-model with a folder or hub id that has config.json") from None
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model.tie_weights()
+    entries: dict[str, Entry] = {}
+    tied: dict[str, str] = {}
+    seen: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied[name] = seen[id(param)]
+            continue
+        seen[id(param)] = name
+        entries[name] = Entry(name, tuple(param.shape), param.dtype)
+    for name, buf in model.named_buffers():
+        persistent = name.rsplit(".", 1)[-1] not in getattr(_owner(model, name), "_non_persistent_buffers_set", set())
+        if persistent:
+            entries[name] = Entry(name, tuple(buf.shape), buf.dtype)
+    return config, entries, tied
+
+
+def _owner(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    module = model
+    for part in name.split(".")[:-1]:
+        module = getattr(module, part)
+    return module
+
+
+def make_plan(source: Source, expected: tuple[Any, dict[str, Entry], dict[str, str]] | None) -> Plan:
+    keys = list(source.entries)
+    if source.lora is not None or any(".lora_A." in k for k in keys):
+        renamed, pairs = _peft_names(keys)
+    else:
+        renamed, pairs = {k: strip_wrappers(k) for k in keys}, {}
+    dropped = [k for k, name in renamed.items() if DROPPABLE.search(name)]
+    renamed = {k: name for k, name in renamed.items() if k not in dropped}
+    names = set(renamed.values()) | set(pairs)
+    exp = expected[1] if expected else None
+    tied = expected[2] if expected else {}
+    prefix_fix: Callable[[str], str] = lambda n: n  # noqa: E731
+    if exp is not None:  # add or remove `model.`, whichever matches more of the expected names
+        options: list[Callable[[str], str]] = [lambda n: n, lambda n: n[6:] if n.startswith("model.") else n,
+                                               lambda n: "model." + n]
+        known = set(exp) | set(tied)
+        prefix_fix = max(options, key=lambda f: sum(f(n) in known for n in names))
+    target_of = {k: prefix_fix(name) for k, name in renamed.items()}
+    merges = {prefix_fix(name): ab for name, ab in pairs.items()}
+    mapping = sorted(target_of.items())
+    # tied aliases (lm_head.weight when it shares the embedding) are written once, under the kept name
+    aliases = [k for k, t in target_of.items() if t in tied]
+    for k in aliases:
+        target_of.pop(k)
+    sources: dict[str, list[str]] = {}
+    duplicates = []
+    for k, t in target_of.items():
+        if t in sources:
+            duplicates.append(t)
+        sources.setdefault(t, []).append(k)
+    if duplicates:
+        raise CheckpointError(f"two source tensors map to {duplicates[0]} after removing wrapper prefixes",
+                              hint="the state dict mixes wrapped and unwrapped copies; save one model's state dict")
+    unknown_merge = [t for t in merges if t not in sources]
+    if unknown_merge:
+        raise CheckpointError(f"LoRA adapter targets {unknown_merge[0]}, which the base weights do not have",
+                              hint="check --base-model: the adapter was trained on another model")
+    missing: list[str] = []
+    unexpected: list[str] = []
+    mismatched: list[str] = []
+    if exp is not None:
+        missing = [n for n in exp if n not in sources]
+        unexpected = sorted(t for t in sources if t not in exp)
+        for t, ks in sources.items():
+            if t in exp and source.entries[ks[0]].shape != exp[t].shape:
+                mismatched.append(f"{t}: checkpoint {list(source.entries[ks[0]].shape)}, model {list(exp[t].shape)}")
+        order = [n for n in exp if n in sources] + unexpected
+    else:
+        order = list(sources)
+    targets = [Entry(t, source.entries[sources[t][0]].shape, source.entries[sources[t][0]].dtype) for t in order]
+    return Plan(targets, sources, merges, dropped + aliases, missing, unexpected, mismatched, mapping,
+                [f"{a} -> {b}" for a, b in tied.items()])
+
+
+def check_plan(plan: Plan, allow_missing: bool) -> None:
+    def listing(items: list[str]) -> str:
+        return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+
+    if plan.mismatched:
+        raise CheckpointError(f"{len(plan.mismatched)} shape mismatches: {listing(plan.mismatched)}",
+                              hint="the checkpoint belongs to another model size: check --base-model / the config")
+    if plan.unexpected:
+        raise CheckpointError(f"{len(plan.unexpected)} tensors the model does not have: {listing(plan.unexpected)}",
+                              hint="check --base-model, or that SRC is this model's checkpoint")
+    if plan.missing and not allow_missing:
+        raise CheckpointError(f"{len(plan.missing)} tensors missing from the checkpoint: {listing(plan.missing)}",
+                              hint="pass --allow-missing if that is deliberate (they are left out of the output)")
+
+
+# --- building and writing --------------------------------------------------------------------
+
+
+def _groups(targets: list[Entry], limit: int) -> list[list[Entry]]:
+    groups: list[list[Entry]] = [[]]
+    size = 0
+    for entry in targets:
+        if groups[-1] and size + entry.nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += entry.nbytes
+    return [g for g in groups if g]
+
+
+def _build_group(source: Source, plan: Plan, group: list[Entry], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    wanted = []
+    for entry in group:
+        wanted += plan.sources[entry.key]
+        wanted += list(plan.merges.get(entry.key, ()))
+    read = source.read(wanted)
+    out: dict[str, torch.Tensor] = {}
+    for entry in group:
+        tensor = read.pop(plan.sources[entry.key][0])
+        if entry.key in plan.merges:
+            a_key, b_key = plan.merges[entry.key]
+            a, b = read.pop(a_key), read.pop(b_key)
+            delta = (b.to(torch.float32) @ a.to(torch.float32)) * source.lora["scale"]
+            if source.lora.get("fan_in_fan_out"):
+                delta = delta.T
+            tensor = (tensor.to(torch.float32) + delta).to(tensor.dtype)
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        out[entry.key] = tensor.contiguous()
+    return out
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    data = tensor.detach().contiguous().view(-1).view(torch.uint8).numpy() if tensor.numel() else b""
+    return hashlib.blake2b(memoryview(data) if not isinstance(data, bytes) else data, digest_size=16).hexdigest()
+
+
+@dataclass
+class Result:
+    tensors: int = 0
+    bytes: int = 0
+    files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    digests: dict[str, str] = field(default_factory=dict)
+
+
+def _write_hf(source: Source, plan: Plan, tmp: Path, shard_size: int, dtype: torch.dtype | None,
+              advance: Callable[..., None]) -> Result:
+    from safetensors.torch import save_file
+
+    result = Result()
+    final_dtype = lambda e: dtype if dtype is not None and e.dtype.is_floating_point else e.dtype  # noqa: E731
+    sized = [Entry(e.key, e.shape, final_dtype(e)) for e in plan.targets]
+    groups = _groups(sized, shard_size)
+    total = len(groups)
+    weight_map: dict[str, str] = {}
+    for i, group in enumerate(groups, 1):
+        name = "model.safetensors" if total == 1 else f"model-{i:05d}-of-{total:05d}.safetensors"
+        tensors = _build_group(source, plan, group, dtype)
+        digests = {k: _digest(v) for k, v in tensors.items()}
+        save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+        result.bytes += sum(v.nbytes for v in tensors.values())
+        del tensors
+        _verify_safetensors(tmp / name, digests)
+        result.digests.update(digests)
+        result.tensors += len(digests)
+        result.files.append(name)
+        weight_map.update({k: name for k in digests})
+        advance(sum(e.nbytes for e in group))
+    if total > 1:
+        index = {"metadata": {"total_size": result.bytes}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return result
+
+
+def _verify_safetensors(path: Path, digests: dict[str, str]) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        names = list(f.keys())
+        if sorted(names) != sorted(digests):
+            raise CheckpointError(f"verification failed: {path.name} holds {len(names)} tensors, {len(digests)} written")
+        for name in names:
+            if _digest(f.get_tensor(name)) != digests[name]:
+                raise CheckpointError(f"verification failed: {name} in {path.name} differs from what was written",
+                                      hint="the disk may be full or failing; the output was not kept")
+
+
+class _LazyPlanner:
+    """A DCP save planner whose state dict holds meta tensors: each tensor is built from the source
+    only when the writer asks for it, so memory holds one group, not the model."""
+
+    @staticmethod
+    def make(build: Callable[[str], torch.Tensor]):
+        from torch.distributed.checkpoint import DefaultSavePlanner
+
+        class Planner(DefaultSavePlanner):
+            def resolve_data(self, write_item):  # noqa: ANN001 - DCP's signature
+                return build(write_item.index.fqn)
+
+        return Planner()
+
+
+def _write_dcp(source: Source, plan: Plan, tmp: Path, shard_size: int, dtype: torch.dtype | None,
+               advance: Callable[..., None]) -> Result:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    final_dtype = lambda e: dtype if dtype is not None and e.dtype.is_floating_point else e.dtype  # noqa: E731
+    entries = {e.key: Entry(e.key, e.shape, final_dtype(e)) for e in plan.targets}
+    group_of: dict[str, int] = {}
+    groups = _groups(list(entries.values()), shard_size)
+    for i, group in enumerate(groups):
+        for e in group:
+            group_of[e.key] = i
+    cache: dict[str, torch.Tensor] = {}
+    current = [-1]
+    digests: dict[str, str] = {}
+
+    def build(key: str) -> torch.Tensor:
+        if key not in cache:
+            index = group_of[key]
+            if index != current[0]:
+                cache.clear()
+                current[0] = index
+                cache.update(_build_group(source, plan, [e for e in groups[index] if e.key in entries], dtype))
+                for k, v in cache.items():
+                    digests[k] = _digest(v)
+                advance(sum(e.nbytes for e in groups[index]))
+        return cache.pop(key)
+
+    # the writer asks for tensors in the order of the state dict: group by group
+    state = {key: torch.empty(e.shape, dtype=e.dtype, device="meta") for key, e in entries.items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed.*")
+        dcp.save(state, storage_writer=FileSystemWriter(str(tmp), thread_count=1, single_file_per_rank=True),
+                 planner=_LazyPlanner.make(build))
+    cache.clear()
+    result = Result(tensors=len(digests), bytes=sum(e.nbytes for e in entries.values()),
+                    files=sorted(p.name for p in tmp.iterdir()), digests=digests)
+    reader = _dcp_reader(tmp)
+    back = _dcp_entries(tmp)
+    if sorted(back) != sorted(entries):
+        raise CheckpointError(f"verification failed: the DCP output holds {len(back)} tensors, {len(entries)} written")
+    for group in groups:
+        for key, tensor in reader([e.key for e in group]).items():
+            if _digest(tensor) != digests[key]:
+                raise CheckpointError(f"verification failed: {key} differs from what was written")
+    return result
+
+
+def _write_torch(source: Source, plan: Plan, tmp: Path, dtype: torch.dtype | None,
+                 advance: Callable[..., None]) -> Result:
+    state = _build_group(source, plan, plan.targets, dtype)
+    digests = {k: _digest(v) for k, v in state.items()}
+    torch.save(state, tmp / "model.pt")
+    advance(sum(v.nbytes for v in state.values()))
+    result = Result(tensors=len(state), bytes=sum(v.nbytes for v in state.values()), files=["model.pt"], digests=digests)
+    del state
+    back = torch.load(tmp / "model.pt", map_location="cpu", weights_only=True, mmap=True)
+    if sorted(back) != sorted(digests) or any(_digest(back[k]) != d for k, d in digests.items()):
+        raise CheckpointError("verification failed: model.pt differs from what was written")
+    return result
+
+
+def _write_side_files(tmp: Path, model_dir: str | None, config: Any, dtype: torch.dtype | None,
+                      trust_remote_code: bool) -> list[str]:
+    """config.json (dtype updated), generation_config.json and the tokenizer files."""
+    written = []
+    if config is not None:
+        if dtype is not None:
+            config.dtype = dtype
+        config.save_pretrained(tmp)
+        written.append("config.json")
+    if model_dir is None:
+        return written
+    from transformers import GenerationConfig
+
+    try:
+        generation = GenerationConfig.from_pretrained(model_dir)
+    except (OSError, ValueError):
+        generation = GenerationConfig.from_model_config(config) if config is not None else None
+    if generation is not None:
+        generation.save_pretrained(tmp)
+        written.append("generation_config.json")
+    local = Path(model_dir)
+    copied = [name for name in TOKENIZER_FILES if (local / name).is_file()] if local.is_dir() else []
+    for name in copied:
+        shutil.copy2(local / name, tmp / name)
+    written += copied
+    if not copied:
+        try:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code).save_pretrained(tmp)
+            written.append("tokenizer")
+        except (OSError, ValueError):
+            pass
+    return written
+
+
+def convert(src: Path, dst: Path | None, *, fmt_from: str | None = None, fmt_to: str = "hf",
+            base_model: str | None = None, dtype: str = "auto", shard_size: str | int = "5GB",
+            dry_run: bool = False, allow_missing: bool = False, trust_remote_code: bool = False,
+            progress_bar: bool = True) -> dict[str, Any]:
+    """Convert SRC to DST; returns a summary (also the `--json` output)."""
+    from mathctl.core.console import progress
+
+    began = time.perf_counter()
+    src = Path(src).expanduser()
+    if not src.exists():
+        raise ConfigError(f"checkpoint {src} does not exist", hint="check the SRC path")
+    if fmt_to not in TO_FORMATS:
+        raise ConfigError(f"unknown target format '{fmt_to}'", hint=f"--to one of: {', '.join(TO_FORMATS)}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype '{dtype}'", hint="--dtype auto, bf16, fp16 or fp32")
+    limit = parse_size(shard_size)
+    fmt = fmt_from or detect_format(src)
+    if dst is not None:
+        dst = Path(dst).expanduser()
+        if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+            raise ConfigError(f"output {dst} exists and is not an empty folder", hint="choose a new DST folder")
+    elif not dry_run:
+        raise ConfigError("no DST given", hint="mathctl convert-ckpt SRC DST (or --dry-run to list the mapping)")
+    source = open_source(src, fmt, base_model=base_model)
+    expected = expected_model(source.model_dir, trust_remote_code)
+    if fmt_to == "hf" and expected is None:
+        raise ConfigError(f"{src} has no config.json and no --base-model was given; a Hugging Face folder needs one",
+                          hint="pass --base-model with the model's hub id or a folder holding its config and tokenizer")
+    plan = make_plan(source, expected)
+    target_dtype = DTYPES[dtype]
+    summary: dict[str, Any] = {
+        "source": str(src), "from": fmt, "to": fmt_to, "output": str(dst) if dst else None,
+        "base_model": source.model_dir, "notes": source.notes, "tensors": len(plan.targets),
+        "bytes": sum((e.nbytes if target_dtype is None or not e.dtype.is_floating_point
+                      else math.prod(e.shape) * torch.empty((), dtype=target_dtype).element_size()) for e in plan.targets),
+        "largest_tensor_bytes": max((e.nbytes for e in plan.targets), default=0),
+        "dropped": plan.dropped, "missing": plan.missing, "unexpected": plan.unexpected,
+        "mismatched": plan.mismatched, "tied": plan.tied, "lora_merged": sorted(plan.merges),
+    }
+    if dry_run:
+        final = {t: e for e in plan.targets for t in [e.key]}
+        summary["mapping"] = [{"source": s, "target": t, "shape": list(source.entries[s].shape),
+                               "dtype": str(target_dtype or source.entries[s].dtype).replace("torch.", ""),
+                               "written": t in final and plan.sources.get(t, [None])[0] == s}
+                              for s, t in plan.mapping]
+        summary["status"] = "dry-run"
+        return summary
+    check_plan(plan, allow_missing)
+    assert dst is not None
+    tmp = dst.parent / f".{dst.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        with progress(f"{fmt} -> {fmt_to}", summary["bytes"], enabled=progress_bar) as advance:
+            if fmt_to == "hf":
+                result = _write_hf(source, plan, tmp, limit, target_dtype, advance)
+            elif fmt_to == "dcp":
+                result = _write_dcp(source, plan, tmp, limit, target_dtype, advance)
+            else:
+                result = _write_torch(source, plan, tmp, target_dtype, advance)
+        side = _write_side_files(tmp, source.model_dir, expected[0] if expected else None, target_dtype,
+                                 trust_remote_code) if fmt_to == "hf" or expected is not None else []
+        if dst.exists():
+            dst.rmdir()
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - began
+    summary.update(status="completed", files=result.files + side, written_tensors=result.tensors,
+                   written_bytes=result.bytes, verified=True, seconds=round(seconds, 3),
+                   gb_per_s=round(result.bytes / 1e9 / max(seconds, 1e-9), 3))
+    return summary
+
+
+def iter_mapping_rows(summary: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
+    for row in summary.get("mapping", []):
+        yield row["source"], row["target"] if row["written"] else f"({row['target']}: not written)", \
+            "x".join(map(str, row["shape"])) or "scalar", row["dtype"]
