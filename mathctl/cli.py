@@ -321,6 +321,56 @@ def data_prepare(
     _emit({"status": "completed", "out": cfg.out, **stats}, json_out)
 
 
+@app.command("convert-ckpt", help="Convert checkpoints: DCP, FSDP run checkpoints, .pt state dicts and LoRA "
+             "adapters to and from Hugging Face folders (sharded safetensors), verified after writing.")
+def convert_ckpt(
+    src: Path = typer.Argument(..., help="Checkpoint: HF folder, DCP folder, mathctl run or step folder, .pt file, "
+                               "or LoRA adapter folder."),
+    dst: Path = typer.Argument(None, help="Output folder (a new or empty one); not needed with --dry-run."),
+    fmt_from: str = typer.Option(None, "--from", help="hf, dcp, fsdp (a mathctl run), torch (.pt) or lora "
+                                 "[default: detected]."),
+    fmt_to: str = typer.Option("hf", "--to", help="hf, dcp or torch."),
+    base_model: str = typer.Option(None, "--base-model", help="Hub id or folder with config.json and the tokenizer, "
+                                   "when SRC lacks them (and the base of a LoRA adapter)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (as stored), bf16, fp16 or fp32."),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard, e.g. 5GB, 500MB."),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="Write even if tensors the model has are "
+                                       "missing from SRC (they are left out)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code from its "
+                                           "folder or the hub (only to read its config)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List tensors, shapes, dtypes and the name mapping; write nothing."),
+    json_out: bool = JsonOpt,
+) -> None:
+    from mathctl.convert import convert, iter_mapping_rows
+    from mathctl.core.console import log, print_table
+
+    _quiet_libraries()
+    summary = convert(src, dst, fmt_from=fmt_from, fmt_to=fmt_to, base_model=base_model, dtype=dtype,
+                      shard_size=shard_size, dry_run=dry_run, allow_missing=allow_missing,
+                      trust_remote_code=trust_remote_code, progress_bar=not json_out)
+    for note in summary["notes"]:
+        log(note)
+    if dry_run:
+        if not json_out:
+            from rich.table import Table
+
+            table = Table(title=f"{summary['from']} -> {summary['to']}: {summary['tensors']} tensors, "
+                                f"{summary['bytes'] / 1e9:.3f} GB")
+            for column in ("source", "target", "shape", "dtype"):
+                table.add_column(column)
+            for row in iter_mapping_rows(summary):
+                table.add_row(*row)
+            print_table(table)
+            for label in ("missing", "unexpected", "mismatched", "dropped", "tied", "lora_merged"):
+                if summary[label]:
+                    log(f"{label}: {', '.join(summary[label][:8])}" + (" ..." if len(summary[label]) > 8 else ""))
+        _emit(summary, json_out)
+        return
+    log(f"wrote {summary['written_tensors']} tensors, {summary['written_bytes'] / 1e9:.3f} GB in "
+        f"{len(summary['files'])} files to {summary['output']} ({summary['seconds']} s, verified)")
+    _emit(summary, json_out)
+
+
 @app.command(help="Grade model responses in a JSONL file against gold answers; prints the accuracy.")
 def grade(
     file: Path = typer.Argument(..., help="JSONL file, one object per line with a response and a gold answer."),

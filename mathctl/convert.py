@@ -247,6 +247,8 @@ def _open_dcp(src: Path, base_model: str | None) -> Source:
                               hint="point SRC at the folder that holds .metadata and the *.distcp files")
     raw = _dcp_entries(folder)
     reader = _dcp_reader(folder)
+    if base_model is None:  # a DCP folder written by this converter keeps config and tokenizer beside it
+        base_model = next((str(d) for d in (folder, src) if (d / "config.json").is_file()), None)
     groups = {key.split(".", 1)[0] for key in raw}
     notes = []
     if "model" in groups and len(groups) > 1:  # {"model": ..., "optim": ...}: the model part only
@@ -714,17 +716,18 @@ def _write_dcp(source: Source, plan: Plan, tmp: Path, shard_size: int, dtype: to
     return result
 
 
-def _write_torch(source: Source, plan: Plan, tmp: Path, dtype: torch.dtype | None,
+def _write_torch(source: Source, plan: Plan, path: Path, dtype: torch.dtype | None,
                  advance: Callable[..., None]) -> Result:
+    """One `.pt` pickle: the whole state is in memory while it is written (torch.save needs it)."""
     state = _build_group(source, plan, plan.targets, dtype)
     digests = {k: _digest(v) for k, v in state.items()}
-    torch.save(state, tmp / "model.pt")
+    torch.save(state, path)
     advance(sum(v.nbytes for v in state.values()))
-    result = Result(tensors=len(state), bytes=sum(v.nbytes for v in state.values()), files=["model.pt"], digests=digests)
+    result = Result(tensors=len(state), bytes=sum(v.nbytes for v in state.values()), files=[path.name], digests=digests)
     del state
-    back = torch.load(tmp / "model.pt", map_location="cpu", weights_only=True, mmap=True)
+    back = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if sorted(back) != sorted(digests) or any(_digest(back[k]) != d for k, d in digests.items()):
-        raise CheckpointError("verification failed: model.pt differs from what was written")
+        raise CheckpointError(f"verification failed: {path.name} differs from what was written")
     return result
 
 
@@ -784,9 +787,14 @@ def convert(src: Path, dst: Path | None, *, fmt_from: str | None = None, fmt_to:
     if dst is not None:
         dst = Path(dst).expanduser()
         if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-            raise ConfigError(f"output {dst} exists and is not an empty folder", hint="choose a new DST folder")
+            raise ConfigError(f"output {dst} already exists and is not an empty folder",
+                              hint="choose a new DST; nothing was overwritten")
     elif not dry_run:
         raise ConfigError("no DST given", hint="mathctl convert-ckpt SRC DST (or --dry-run to list the mapping)")
+    if base_model is not None:
+        from mathctl.models import resolve_model_path
+
+        base_model = resolve_model_path(base_model)  # tiny:PRESET, a folder, or a hub id
     source = open_source(src, fmt, base_model=base_model)
     expected = expected_model(source.model_dir, trust_remote_code)
     if fmt_to == "hf" and expected is None:
@@ -813,9 +821,17 @@ def convert(src: Path, dst: Path | None, *, fmt_from: str | None = None, fmt_to:
         return summary
     check_plan(plan, allow_missing)
     assert dst is not None
+    single_file = fmt_to == "torch" and dst.suffix in (".pt", ".bin", ".pth")
     tmp = dst.parent / f".{dst.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if tmp.is_dir():  # a leftover of an interrupted conversion
+        shutil.rmtree(tmp)
+    elif tmp.exists():
+        tmp.unlink()
+    if single_file:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp.mkdir(parents=True)
+    side: list[str] = []
     try:
         with progress(f"{fmt} -> {fmt_to}", summary["bytes"], enabled=progress_bar) as advance:
             if fmt_to == "hf":
@@ -823,14 +839,17 @@ def convert(src: Path, dst: Path | None, *, fmt_from: str | None = None, fmt_to:
             elif fmt_to == "dcp":
                 result = _write_dcp(source, plan, tmp, limit, target_dtype, advance)
             else:
-                result = _write_torch(source, plan, tmp, target_dtype, advance)
-        side = _write_side_files(tmp, source.model_dir, expected[0] if expected else None, target_dtype,
-                                 trust_remote_code) if fmt_to == "hf" or expected is not None else []
-        if dst.exists():
+                result = _write_torch(source, plan, tmp if single_file else tmp / "model.pt", target_dtype, advance)
+        if not single_file and expected is not None:  # config and tokenizer travel with the weights
+            side = _write_side_files(tmp, source.model_dir, expected[0], target_dtype, trust_remote_code)
+        if dst.is_dir():
             dst.rmdir()
         tmp.rename(dst)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         raise
     seconds = time.perf_counter() - began
     summary.update(status="completed", files=result.files + side, written_tensors=result.tensors,

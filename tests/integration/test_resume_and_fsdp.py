@@ -86,6 +86,20 @@ def test_two_fsdp_processes_match_one_process(cli, tiny_model, tmp_path):
     b = load_file(two / "final" / "model.safetensors")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
 
+    # the 2-rank DCP checkpoint of the last step, converted to HF, is the model in final/
+    converted = tmp_path / "converted"
+    r_conv = cli("convert-ckpt", str(two / "checkpoints" / "step_000006"), str(converted), "--json")
+    assert r_conv.returncode == 0, r_conv.stderr
+    assert json.loads(r_conv.stdout)["from"] == "fsdp"
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 5, 9, 23, 42, 7]])
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(converted)(ids).logits
+        want = AutoModelForCausalLM.from_pretrained(two / "final")(ids).logits
+    assert torch.equal(got, want)
+
     # resume the 2-process run from its step-3 checkpoint: same end point
     import shutil
 

@@ -1,0 +1,213 @@
+"""`mathctl convert-ckpt`: bit-exact round trips, key surgery, LoRA merges, our own run checkpoints,
+and every bad-input case as one error line with exit 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mathctl.convert import convert, parse_size
+from mathctl.core.errors import CheckpointError, ConfigError
+
+IDS = torch.tensor([[1, 5, 9, 23, 42, 7, 3, 11]])
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        out: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            out.update(load_file(folder / shard))
+        return out
+    return load_file(folder / "model.safetensors")
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return sorted(a) == sorted(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def _logits(folder) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.fixture(scope="module")
+def model_dir(lively_model) -> Path:
+    return lively_model
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("500MB") == 5 * 10**8 and parse_size("2GiB") == 2 * 2**30
+    assert parse_size("1.5KB") == 1500 and parse_size(123) == 123
+    with pytest.raises(ConfigError, match="cannot read the size"):
+        parse_size("lots")
+
+
+def test_hf_dcp_hf_round_trip_is_bit_exact_and_sharded(model_dir, tmp_path):
+    convert(model_dir, tmp_path / "dcp", fmt_to="dcp", progress_bar=False)
+    assert (tmp_path / "dcp" / ".metadata").is_file()
+    summary = convert(tmp_path / "dcp", tmp_path / "hf", shard_size="60KB", progress_bar=False)
+    assert summary["from"] == "dcp" and summary["verified"]
+    shards = sorted((tmp_path / "hf").glob("model-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    for name in ("config.json", "generation_config.json", "tokenizer.json"):
+        assert (tmp_path / "hf" / name).is_file(), name
+    assert _same(_weights(tmp_path / "hf"), _weights(model_dir))
+    assert torch.equal(_logits(tmp_path / "hf"), _logits(model_dir))
+
+
+def test_hf_pt_hf_round_trip_is_bit_exact(model_dir, tmp_path):
+    convert(model_dir, tmp_path / "state.pt", fmt_to="torch", progress_bar=False)
+    assert set(torch.load(tmp_path / "state.pt", weights_only=True)) == set(_weights(model_dir))
+    convert(tmp_path / "state.pt", tmp_path / "hf", base_model=str(model_dir), progress_bar=False)
+    assert _same(_weights(tmp_path / "hf"), _weights(model_dir))
+    # a folder output keeps config and tokenizer beside model.pt, so the way back needs no --base-model
+    convert(model_dir, tmp_path / "pt-folder", fmt_to="torch", progress_bar=False)
+    convert(tmp_path / "pt-folder", tmp_path / "hf2", progress_bar=False)
+    assert _same(_weights(tmp_path / "hf2"), _weights(model_dir))
+
+
+def test_key_surgery_of_wrapped_state_dicts(model_dir, tmp_path):
+    """DDP `module.`, torch.compile `_orig_mod.`, FSDP1 `_fsdp_wrapped_module.`, nesting under
+    `state_dict`, a duplicate tied lm_head, a stale rotary buffer and bf16 -> fp32 are all handled."""
+    weights = _weights(model_dir)
+    wrapped = {}
+    for key, value in weights.items():
+        parts = key.split(".")
+        if parts[1] == "layers":
+            parts.insert(3, "_fsdp_wrapped_module")
+        wrapped["module._orig_mod." + ".".join(parts)] = value.to(torch.bfloat16)
+    wrapped["module._orig_mod.lm_head.weight"] = weights["model.embed_tokens.weight"].to(torch.bfloat16)  # tied copy
+    wrapped["module._orig_mod.model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    torch.save({"state_dict": wrapped, "epoch": 3}, tmp_path / "ckpt.pt")
+    summary = convert(tmp_path / "ckpt.pt", tmp_path / "hf", base_model=str(model_dir), dtype="fp32",
+                      progress_bar=False)
+    assert "state dict nested under 'state_dict'" in summary["notes"]
+    assert "module._orig_mod.lm_head.weight" in summary["dropped"]
+    got = _weights(tmp_path / "hf")
+    assert sorted(got) == sorted(weights)
+    assert all(torch.equal(got[k], weights[k].to(torch.bfloat16).to(torch.float32)) for k in weights)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_model_prefix_added_when_the_state_dict_is_the_inner_model(model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    inner = AutoModelForCausalLM.from_pretrained(model_dir).model  # keys without the `model.` prefix
+    torch.save(inner.state_dict(), tmp_path / "inner.pt")
+    summary = convert(tmp_path / "inner.pt", tmp_path / "hf", base_model=str(model_dir), progress_bar=False)
+    assert summary["missing"] == []  # lm_head is tied to the embedding here: nothing is missing
+    assert _same(_weights(tmp_path / "hf"), _weights(model_dir))
+
+
+def test_lora_adapter_merge_matches_base_plus_adapter(model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():  # B starts at zero; give it weight so the merge matters
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+        expected = peft_model(IDS).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    summary = convert(tmp_path / "adapter", tmp_path / "merged", base_model=str(model_dir), progress_bar=False)
+    assert summary["from"] == "lora" and len(summary["lora_merged"]) == 2 * 7  # 2 layers x 7 projections
+    got = _logits(tmp_path / "merged")
+    assert not torch.allclose(got, _logits(model_dir), atol=1e-3)  # the adapter changed the model ...
+    assert torch.allclose(got, expected, atol=1e-5)  # ... exactly as peft applies it
+
+
+def test_our_lora_sft_run_converts_to_its_merged_final(cli, model_dir, tmp_path):
+    """A mathctl LoRA run: its last DCP checkpoint, merged with the run's r/alpha, equals final/."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from conftest import quick_overrides
+
+    run = tmp_path / "run"
+    result = cli("sft", *quick_overrides(model_dir, "lora.enabled=true", "lora.r=4", "lora.alpha=16",
+                                         "train.max_steps=3", "output.save_every_steps=3"), "--run-dir", str(run))
+    assert result.returncode == 0, result.stderr
+    summary = convert(run, tmp_path / "hf", fmt_from="fsdp", progress_bar=False)
+    assert "checkpoint step_000003 of run run" in summary["notes"] and len(summary["lora_merged"]) == 14
+    assert torch.allclose(_logits(tmp_path / "hf"), _logits(run / "final"), atol=1e-5)
+
+
+def test_dry_run_lists_the_mapping_and_writes_nothing(model_dir, tmp_path):
+    summary = convert(model_dir, tmp_path / "out", dry_run=True)
+    assert summary["status"] == "dry-run" and not (tmp_path / "out").exists()
+    rows = {r["source"]: r for r in summary["mapping"]}
+    assert rows["model.embed_tokens.weight"]["shape"] == [512, 64] and rows["model.norm.weight"]["written"]
+    assert summary["tied"] == ["lm_head.weight -> model.embed_tokens.weight"]
+
+
+def test_missing_unexpected_and_mismatched_tensors(model_dir, tmp_path):
+    weights = _weights(model_dir)
+    partial = {k: v for k, v in weights.items() if k != "model.norm.weight"}
+    torch.save(partial, tmp_path / "partial.pt")
+    with pytest.raises(CheckpointError, match="1 tensors missing.*model.norm.weight"):
+        convert(tmp_path / "partial.pt", tmp_path / "a", base_model=str(model_dir), progress_bar=False)
+    assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a*"))
+    summary = convert(tmp_path / "partial.pt", tmp_path / "b", base_model=str(model_dir), allow_missing=True,
+                      progress_bar=False)
+    assert summary["missing"] == ["model.norm.weight"] and "model.norm.weight" not in _weights(tmp_path / "b")
+    torch.save({**weights, "model.extra.weight": torch.zeros(2)}, tmp_path / "extra.pt")
+    with pytest.raises(CheckpointError, match="the model does not have: model.extra.weight"):
+        convert(tmp_path / "extra.pt", tmp_path / "c", base_model=str(model_dir), progress_bar=False)
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        convert(tmp_path / "extra.pt", tmp_path / "d", base_model="tiny:qwen2-small", progress_bar=False)
+
+
+BAD = [
+    (["convert-ckpt", "{tmp}/nope", "{tmp}/out"], "does not exist"),
+    (["convert-ckpt", "{model}", "{tmp}/out", "--from", "keras"], "unknown source format"),
+    (["convert-ckpt", "{model}", "{tmp}/out", "--to", "onnx"], "unknown target format"),
+    (["convert-ckpt", "{model}", "{tmp}/out", "--dtype", "fp8"], "unknown dtype"),
+    (["convert-ckpt", "{model}", "{tmp}/out", "--shard-size", "big"], "cannot read the size"),
+    (["convert-ckpt", "{model}", "{tmp}/full"], "already exists"),
+    (["convert-ckpt", "{model}"], "no DST given"),
+    (["convert-ckpt", "{tmp}/bare.pt", "{tmp}/out"], "no config.json and no --base-model"),
+    (["convert-ckpt", "{tmp}/pickled.pt", "{tmp}/out", "--base-model", "{model}"], "weights_only=True"),
+    (["convert-ckpt", "{tmp}/notdcp", "{tmp}/out", "--from", "dcp"], "not a DCP checkpoint"),
+    (["convert-ckpt", "{tmp}/notdcp", "{tmp}/out", "--from", "fsdp"], "not a mathctl checkpoint"),
+    (["convert-ckpt", "{tmp}/bare.pt", "{tmp}/out", "--base-model", "tiny:qwen2-small"], "shape mismatches"),
+]
+
+
+def test_bad_input_exits_2_with_one_line(cli, model_dir, tmp_path):
+    torch.save(_weights(model_dir), tmp_path / "bare.pt")
+    torch.save({"obj": Path("x")}, tmp_path / "pickled.pt")  # an arbitrary object: refused by weights_only
+    (tmp_path / "notdcp").mkdir()
+    (tmp_path / "notdcp" / "x.txt").write_text("not a checkpoint")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("keep me")
+    for args, message in BAD:
+        argv = [a.replace("{tmp}", str(tmp_path)).replace("{model}", str(model_dir)) for a in args]
+        result = cli(*argv)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "Traceback" not in result.stderr, args
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], (args, result.stderr)
+    assert (tmp_path / "full" / "keep.txt").read_text() == "keep me"
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_json_and_dry_run(cli, model_dir, tmp_path):
+    result = cli("convert-ckpt", str(model_dir), "--dry-run", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["tensors"] == 26 and summary["status"] == "dry-run"
+    result = cli("convert-ckpt", str(model_dir), str(tmp_path / "dcp"), "--to", "dcp", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "completed" and summary["verified"] and summary["written_tensors"] == 26
