@@ -188,6 +188,23 @@ def sft(
              resume=resume, dry_run=dry_run, as_json=json_out, slurm=slurm, submit=submit)
 
 
+@app.command(help="Reward models: outcome (Bradley-Terry on responses) or process (rStar-Math PPM on steps), "
+             "one process to many nodes. Shipped recipes: " + _recipes_help("rm"))
+def rm(
+    overrides: list[str] = OverridesArg,
+    recipe: str = RecipeOpt,
+    model: str = ModelOpt,
+    run_dir: Path = RunDirOpt,
+    resume: bool = ResumeOpt,
+    dry_run: bool = DryRunOpt,
+    json_out: bool = JsonOpt,
+    slurm: bool = SlurmOpt,
+    submit: bool = SubmitOpt,
+) -> None:
+    run_step("rm", recipe=recipe, overrides=overrides, aliases={"model.path": model}, run_dir=run_dir,
+             resume=resume, dry_run=dry_run, as_json=json_out, slurm=slurm, submit=submit)
+
+
 @app.command("tiny-model", help="Write a random-initialised tiny model and a locally trained tokenizer as a "
              "Hugging Face folder (for the quickstart and tests). Recipes can also say model.path=tiny:PRESET.")
 def tiny_model(
@@ -434,6 +451,8 @@ def eval_cmd(
     shard: str = typer.Option(None, "--shard", help="i/N: evaluate every N-th problem from i (eval.shard)."),
     min_score: float = typer.Option(None, "--min-score", help="Exit 3 if a task scores below this (eval.min_score)."),
     backend: str = typer.Option(None, "--backend", help="auto, hf or vllm (engine.backend)."),
+    prm: str = typer.Option(None, "--prm", help="Reward model folder (a `mathctl rm` final/): scores every sample, "
+                            "adds bon@k (eval.prm; eval.prm_aggregate=last|min)."),
     run_dir: Path = RunDirOpt,
     resume: bool = ResumeOpt,
     dry_run: bool = DryRunOpt,
@@ -460,7 +479,8 @@ def eval_cmd(
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     aliases = {"model.path": model, "eval.tasks": task_list, "eval.n": n, "eval.temperature": temperature,
                "eval.top_p": top_p, "eval.max_new_tokens": max_new_tokens, "eval.limit": limit,
-               "eval.data_dir": data_dir, "eval.shard": shard, "eval.min_score": min_score, "engine.backend": backend}
+               "eval.data_dir": data_dir, "eval.shard": shard, "eval.min_score": min_score, "engine.backend": backend,
+               "eval.prm": prm}
     if resume and recipe is None and not overrides and all(v is None for v in aliases.values()):
         recipe = _saved_recipe("eval", run_dir)
     if recipe is None and model is None and not any(o.startswith("model.path=") for o in overrides):
@@ -476,6 +496,8 @@ def eval_cmd(
     from mathctl.models import resolve_model_path
 
     resolve_model_path(cfg.model.path)
+    if cfg.eval.prm:
+        resolve_model_path(cfg.eval.prm)  # a missing reward model fails before a run folder exists
     problems = evaluate.load_tasks(cfg)  # unknown files fail here, before a run folder exists
     if run_dir is None:
         import datetime as _dt

@@ -597,9 +597,16 @@ def expected_model(model_dir: str | None, trust_remote_code: bool) -> tuple[Any,
     except Exception as exc:  # noqa: BLE001 - a missing or unreadable config.json
         raise CheckpointError(f"cannot read the model config from {model_dir} ({type(exc).__name__})",
                               hint="give --base-model with a folder or hub id that has config.json") from None
+    import transformers
+
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    model_cls = getattr(transformers, arch, None) if arch else None  # e.g. a reward model's ...ForSequenceClassification
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        if model_cls is not None and not getattr(config, "auto_map", None):
+            model = model_cls(config)
+        else:
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     model.tie_weights()
     entries: dict[str, Entry] = {}
     tied: dict[str, str] = {}

@@ -71,6 +71,11 @@ class EvalSection(TaskSettings):
         None, ge=1, description="Problems per engine call, appended to results.jsonl together (the resume "
         "granularity); default: 1024 with vllm (it schedules large batches itself), else max(64, engine.batch_size).")
     grading_timeout_s: float = Field(1.0, gt=0, description="Time limit of one symbolic equivalence check.")
+    prm: str | None = Field(None, description="A reward model (a `mathctl rm` final/) that scores every sample: "
+                            "adds `score` and best-of-k `bon@k`.")
+    prm_aggregate: Literal["last", "min"] = Field(
+        "last", description="A process model's sample score: the last step's value or the minimum over steps.")
+    prm_batch_size: int = Field(16, ge=1, description="Trajectories per reward-model forward pass.")
     per_task: dict[str, TaskSettings] = Field(default_factory=dict, description="Settings for one task, by name.")
 
     @field_validator("shard")
@@ -322,6 +327,11 @@ def run(cfg: EvalConfig, run_dir: RunDir, *, engine: Any = None, problems: dict[
     own_engine = engine is None
     if own_engine:
         engine = make_engine(cfg.model, cfg.engine)
+    if scorer is None and cfg.eval.prm:
+        from mathctl.rm import make_eval_scorer
+
+        scorer = make_eval_scorer(cfg.eval.prm, cfg.eval.prm_aggregate, cfg.eval.prm_batch_size)
+        log(f"best-of-n by reward model {cfg.eval.prm} ({cfg.eval.prm_aggregate} step score)")
     use_chat = cfg.eval.prompt_format == "chat" or (cfg.eval.prompt_format == "auto" and bool(engine.chat_template))
     if cfg.eval.prompt_format == "chat" and not engine.chat_template:
         raise ConfigError("eval.prompt_format=chat but the model has no chat template",

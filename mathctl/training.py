@@ -222,8 +222,10 @@ def _save_merged_lora(peft_model: torch.nn.Module, state: dict[str, torch.Tensor
 
     base_config = peft_model.base_model.model.config
     peft_config = peft_model.peft_config["default"]
+    model_cls = type(peft_model.base_model.model)  # a causal LM, or a sequence classifier (reward models)
     with torch.device("cpu"):
-        base = AutoModelForCausalLM.from_config(base_config, dtype=torch.float32)
+        base = model_cls(base_config).to(torch.float32) if model_cls.__module__.startswith("transformers") \
+            else AutoModelForCausalLM.from_config(base_config, dtype=torch.float32)
     clone = get_peft_model(base, peft_config)
     missing, unexpected = clone.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if "lora_" in k]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from mathctl.core.errors import MathctlError
 
 STEPS = {"sft": ("mathctl.sft", "SFTConfig"), "eval": ("mathctl.evaluate", "EvalConfig"),
-         "data": ("mathctl.data", "PrepareConfig")}
+         "data": ("mathctl.data", "PrepareConfig"), "rm": ("mathctl.rm", "RMConfig")}
 
 
 def step_module(step: str):

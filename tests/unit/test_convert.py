@@ -129,9 +129,6 @@ def test_lora_adapter_merge_matches_base_plus_adapter(model_dir, tmp_path):
 
 def test_our_lora_sft_run_converts_to_its_merged_final(cli, model_dir, tmp_path):
     """A mathctl LoRA run: its last DCP checkpoint, merged with the run's r/alpha, equals final/."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from conftest import quick_overrides
 
     run = tmp_path / "run"
