@@ -211,15 +211,20 @@ def _open_hf(src: Path, base_model: str | None) -> Source:
 # DCP ------------------------------------------------------------------------------------------
 
 
-def _dcp_entries(folder: Path) -> dict[str, Entry]:
+def _dcp_metadata(folder: Path):
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     try:
-        metadata = FileSystemReader(str(folder)).read_metadata()
+        return FileSystemReader(str(folder)).read_metadata()
     except Exception as exc:  # noqa: BLE001 - a damaged or foreign .metadata file
         raise CheckpointError(f"cannot read the DCP metadata of {folder} ({type(exc).__name__}: {exc})",
                               hint="is the checkpoint complete? a DCP folder holds .metadata and *.distcp files") from None
+
+
+def _dcp_entries(folder: Path, metadata=None) -> dict[str, Entry]:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = metadata or _dcp_metadata(folder)
     return {key: Entry(key, tuple(meta.size), meta.properties.dtype)
             for key, meta in metadata.state_dict_metadata.items() if isinstance(meta, TensorStorageMetadata)}
 
@@ -232,9 +237,8 @@ def _dcp_reader(folder: Path) -> Callable[[list[str]], dict[str, torch.Tensor]]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
 
-    reader = FileSystemReader(str(folder))
-    metadata = reader.read_metadata()
-    entries = _dcp_entries(folder)
+    metadata = _dcp_metadata(folder)
+    entries = _dcp_entries(folder, metadata)
     by_fqn: dict[str, list[tuple[Any, Any]]] = {}
     for index, info in metadata.storage_data.items():
         by_fqn.setdefault(index.fqn, []).append((index, info))
@@ -827,19 +831,16 @@ def _verify_safetensors(path: Path, digests: dict[str, str]) -> None:
                                       hint="the disk may be full or failing; the output was not kept")
 
 
-class _LazyPlanner:
-    """A DCP save planner whose state dict holds meta tensors: each tensor is built from the source
-    only when the writer asks for it, so memory holds one group, not the model."""
+def _lazy_planner(build: Callable[[str], torch.Tensor]):
+    """A DCP save planner for a state dict of meta tensors: each tensor is built from the source only
+    when the writer asks for it, so memory holds one group, not the model."""
+    from torch.distributed.checkpoint import DefaultSavePlanner
 
-    @staticmethod
-    def make(build: Callable[[str], torch.Tensor]):
-        from torch.distributed.checkpoint import DefaultSavePlanner
+    class Planner(DefaultSavePlanner):
+        def resolve_data(self, write_item):  # noqa: ANN001 - DCP's signature
+            return build(write_item.index.fqn)
 
-        class Planner(DefaultSavePlanner):
-            def resolve_data(self, write_item):  # noqa: ANN001 - DCP's signature
-                return build(write_item.index.fqn)
-
-        return Planner()
+    return Planner()
 
 
 def _write_dcp(source: Source, plan: Plan, tmp: Path, shard_size: int, dtype: torch.dtype | None,
@@ -875,7 +876,7 @@ def _write_dcp(source: Source, plan: Plan, tmp: Path, shard_size: int, dtype: to
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed.*")
         dcp.save(state, storage_writer=FileSystemWriter(str(tmp), thread_count=1, single_file_per_rank=True),
-                 planner=_LazyPlanner.make(build))
+                 planner=_lazy_planner(build))
     cache.clear()
     result = Result(tensors=len(digests), bytes=sum(e.nbytes for e in entries.values()),
                     files=sorted(p.name for p in tmp.iterdir()), digests=digests)

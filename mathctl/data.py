@@ -501,7 +501,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
             processed = raw.map(transform.batch, batched=True, batch_size=BATCH, remove_columns=raw.column_names,
                                 num_proc=cfg.num_proc, desc=f"{cfg.source} -> {cfg.kind}")
         transform.advance = None
-    kept, counts = _split_dropped(processed, cfg)
+    kept, counts = _split_dropped(processed)
     if len(kept) == 0:
         raise DataError(f"no row of {cfg.source} survived preparation ({counts})", hint="check the source and settings")
     stats: dict[str, Any] = {"source": cfg.source, "kind": cfg.kind, "rows_in": counts.pop("rows_in"),
@@ -547,7 +547,7 @@ def _stream_rows(raw, transform: Transformer, batch: int = BATCH) -> Iterator[di
         yield from transform.rows(rows)
 
 
-def _split_dropped(processed, cfg: PrepareConfig):
+def _split_dropped(processed):
     reasons = processed["dropped"][:]
     counts: dict[str, int] = {"rows_in": len(reasons)}
     for reason in reasons:

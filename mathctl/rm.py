@@ -46,7 +46,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from mathctl.core.config import LaunchConfig, LoraSpec, ModelSpec, OutputConfig, Strict, TrainBase
+from mathctl.core.config import (LaunchConfig, LoraSpec, ModelSpec, OutputConfig, Strict, TrainBase,
+                                 check_lora_launch)
 from mathctl.core.console import console, log, progress
 from mathctl.core.errors import ConfigError, DataError
 from mathctl.core.rundir import RunDir
@@ -105,8 +106,7 @@ class RMConfig(Strict):
     def _check(self) -> RMConfig:
         if "{prompt}" not in self.data.prompt_template:
             raise ValueError("data.prompt_template must contain {prompt}")
-        if self.lora.enabled and self.launch.preset == "ddp" and self.launch.num_processes > 1:
-            raise ValueError("LoRA with launch.preset=ddp is not supported; use preset=fsdp")
+        check_lora_launch(self.lora, self.launch)
         return self
 
     def seeds(self) -> dict[str, int]:
@@ -313,10 +313,7 @@ def load_reward_model(spec: ModelSpec, tokenizer, *, device_type: str = "cpu", i
 
 def score_head(model):
     """The scalar head module (`score` on decoder models), through peft and DDP wrappers."""
-    inner = model
-    for attr in ("module",):
-        if type(inner).__name__ == "DistributedDataParallel":
-            inner = getattr(inner, attr)
+    inner = model.module if type(model).__name__ == "DistributedDataParallel" else model
     if hasattr(inner, "get_base_model"):
         inner = inner.get_base_model()
     head = getattr(inner, "score", None) or getattr(inner, "classifier", None)

@@ -22,7 +22,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from mathctl.core.config import LaunchConfig, LoraSpec, ModelSpec, OutputConfig, Strict, TrainBase
+from mathctl.core.config import (LaunchConfig, LoraSpec, ModelSpec, OutputConfig, Strict, TrainBase,
+                                 check_lora_launch)
 from mathctl.core.console import console, log, progress
 from mathctl.core.errors import ConfigError, DataError
 from mathctl.core.rundir import RunDir
@@ -100,8 +101,7 @@ class SFTConfig(Strict):
             raise ValueError(f"data.synthetic.min_ops ({syn.min_ops}) exceeds max_ops ({syn.max_ops}); lower min_ops")
         if "{prompt}" not in self.data.prompt_template:
             raise ValueError("data.prompt_template must contain {prompt}; e.g. '{prompt}\\nShow your steps.'")
-        if self.lora.enabled and self.launch.preset == "ddp" and self.launch.num_processes > 1:
-            raise ValueError("LoRA with launch.preset=ddp is not supported; use preset=fsdp")
+        check_lora_launch(self.lora, self.launch)
         return self
 
     def seeds(self) -> dict[str, int]:

@@ -341,6 +341,12 @@ class LoraSpec(Strict):
     target_modules: list[str] | str = Field("all-linear", description="Module names, or all-linear.")
 
 
+def check_lora_launch(lora: LoraSpec, launch: LaunchConfig) -> None:
+    """LoRA trains under FSDP2 or on one process; DDP over several processes is not wired for peft."""
+    if lora.enabled and launch.preset == "ddp" and launch.num_processes > 1:
+        raise ValueError("LoRA with launch.preset=ddp is not supported; use preset=fsdp")
+
+
 class SamplingConfig(Strict):
     """How an engine samples: the same settings on the transformers and vLLM engines."""
 
