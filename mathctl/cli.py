@@ -205,6 +205,24 @@ def rm(
              resume=resume, dry_run=dry_run, as_json=json_out, slurm=slurm, submit=submit)
 
 
+@app.command("grpo", help="GRPO with verifiable math rewards: rollouts on the engine (transformers; vLLM on GPU), "
+             "group-normalised advantages, clipped surrogate, optional KL to the reference; one process to many "
+             "nodes. Shipped recipes: " + _recipes_help("grpo"))
+def grpo(
+    overrides: list[str] = OverridesArg,
+    recipe: str = RecipeOpt,
+    model: str = ModelOpt,
+    run_dir: Path = RunDirOpt,
+    resume: bool = ResumeOpt,
+    dry_run: bool = DryRunOpt,
+    json_out: bool = JsonOpt,
+    slurm: bool = SlurmOpt,
+    submit: bool = SubmitOpt,
+) -> None:
+    run_step("grpo", recipe=recipe, overrides=overrides, aliases={"model.path": model}, run_dir=run_dir,
+             resume=resume, dry_run=dry_run, as_json=json_out, slurm=slurm, submit=submit)
+
+
 @app.command("tiny-model", help="Write a random-initialised tiny model and a locally trained tokenizer as a "
              "Hugging Face folder (for the quickstart and tests). Recipes can also say model.path=tiny:PRESET.")
 def tiny_model(

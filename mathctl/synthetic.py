@@ -66,7 +66,7 @@ def make_problem(index: int, spec: SyntheticSpec) -> dict:
             result, expr = value * n, f"{value} * {n}"
         fields = {"name": name, "item": item, "n": n}
         problem.append(ask.format(**fields))
-        solution.append(f"{tell.format(**fields)}, {name} has {expr} = {result} {item}.")
+        solution.append(f"{tell.format(**fields)}, {name} has {expr} = {result}")
         value = result
     problem.append(f"How many {item} does {name} have now?")
     solution.append(f"The answer is \\boxed{{{value}}}.")

@@ -11,7 +11,8 @@ from pathlib import Path
 from mathctl.core.errors import MathctlError
 
 STEPS = {"sft": ("mathctl.sft", "SFTConfig"), "eval": ("mathctl.evaluate", "EvalConfig"),
-         "data": ("mathctl.data", "PrepareConfig"), "rm": ("mathctl.rm", "RMConfig")}
+         "data": ("mathctl.data", "PrepareConfig"), "rm": ("mathctl.rm", "RMConfig"),
+         "grpo": ("mathctl.grpo", "GRPOConfig")}
 
 
 def step_module(step: str):

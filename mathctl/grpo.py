@@ -1,0 +1,651 @@
+"""GRPO with verifiable math rewards: `mathctl grpo --recipe NAME [key=value ...]`.
+
+One step of a run:
+1. take `grpo.prompts_per_step` prompts (a seeded order over the data, epoch after epoch; each
+   process takes every world-th one) and generate `grpo.group_size` completions per prompt with the
+   inference engine (transformers here; vLLM on GPU), seeded by (train.seed + step, prompt index), so
+   a resumed run draws exactly the samples an uninterrupted one would;
+2. score them with the recipe's reward functions (`rewards.weights`, mathctl.rewards: the eval grader,
+   time-limited in worker processes);
+3. advantages within each group: A = r - mean(group), divided by the group's std (unbiased, + 1e-4)
+   when `grpo.scale_rewards: group` (the default; `none` for Dr. GRPO);
+4. `grpo.epochs` passes over the rollout batch, each split into `grpo.mini_batches` optimiser steps,
+   minimising the clipped surrogate per completion token t:
+       ratio_t  = exp(logp_t - logp_old_t)            (logp_old: the policy that generated the batch)
+       pg_t     = -min(ratio_t * A, clip(ratio_t, 1 - epsilon_low, 1 + epsilon_high) * A)
+       kl_t     = exp(ref_t - logp_t) - (ref_t - logp_t) - 1     (k3, only when beta > 0)
+       loss_t   = pg_t + beta * kl_t
+   aggregated by `grpo.loss_type`:
+       grpo     mean over each completion's tokens, then mean over completions
+       dapo     sum over all completion tokens / number of completion tokens (token-level)
+       dr_grpo  sum over all completion tokens / (completions * max_completion_len) (no length bias;
+                with `scale_rewards: none` by default)
+   The normaliser is the whole optimiser step's (every micro-batch, every process), so gradient
+   accumulation and data parallelism do not change the loss;
+5. push the new weights into the engine (LoRA: merged), ready for the next step's rollouts.
+
+Masks: only completion tokens (the EOS included) carry loss; prompt and padding never do.
+`grpo.mask_truncated` drops completions cut by `max_completion_len`; `grpo.filter_groups` drops
+groups whose rewards are all equal (they carry no advantage, only dilution of the normaliser).
+
+log-probabilities are taken from `logits / temperature`, the distribution the engine sampled from;
+with `top_p < 1` or `top_k` the engine samples from a truncated distribution and the ratio is against
+the full one (as TRL and verl do); `logprob_diff` in the metrics is the mean |engine - trainer| gap
+of the sampled tokens' log-probabilities, which shows an engine/trainer mismatch at once.
+
+With `beta: 0` no reference model is built. With LoRA the reference is the base model with the
+adapters switched off: no second copy.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from mathctl.core.config import (
+    EngineConfig,
+    LaunchConfig,
+    LoraSpec,
+    ModelSpec,
+    OutputConfig,
+    Strict,
+    TrainBase,
+    check_lora_launch,
+)
+from mathctl.core.console import console, log, progress
+from mathctl.core.errors import DataError
+from mathctl.core.rundir import RunDir
+from mathctl.rewards import RewardsConfig
+from mathctl.sft import SyntheticData
+
+ADV_EPS = 1e-4
+
+
+# --- config -----------------------------------------------------------------------------------
+
+
+class GRPOData(Strict):
+    source: str = Field("synthetic", description="`synthetic`; a folder from `mathctl data prepare --kind rl`; "
+                        "a .jsonl/.json/.parquet file with prompt (or problem/question) and answer; or a hub id.")
+    subset: str | None = Field(None, description="Hub dataset config name.")
+    split: str = Field("train", description="Split of a hub dataset or data folder.")
+    prompt_field: str | None = Field(None, description="Field with the user turn; auto: prompt (used as it is), "
+                                     "else problem/question/query (put into prompt_template).")
+    answer_field: str | None = Field(None, description="Field with the gold answer; auto: answer, expected_answer, "
+                                     "final_answer, or the last \\boxed{} of solution.")
+    prompt_template: str = Field("{prompt}\nLet's think step by step and output the final answer within \\boxed{}.",
+                                 description="User turn built from a problem field; `{prompt}` is replaced.")
+    system_prompt: str | None = Field(None, description="Optional system message put first.")
+    max_rows: int | None = Field(None, ge=1, description="Use only the first N rows.")
+    shuffle_seed: int = Field(42, description="Seed of the prompt order (reshuffled every pass).")
+    synthetic: SyntheticData = Field(default_factory=SyntheticData)
+
+
+class GRPOSpec(Strict):
+    group_size: int = Field(8, ge=2, description="Completions per prompt (G).")
+    prompts_per_step: int = Field(16, ge=1, description="Prompts per rollout step, over all processes.")
+    epochs: int = Field(1, ge=1, description="Optimisation passes over each rollout batch (TRL num_iterations, verl ppo_epochs).")
+    mini_batches: int = Field(1, ge=1, description="Optimiser steps per pass (the rollout batch split evenly).")
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = Field(
+        "dapo", description="grpo: per-completion token mean, then mean; dapo: token-level mean over the step; "
+        "dr_grpo: token sum / (completions * max_completion_len).")
+    scale_rewards: Literal["group", "none", "auto"] = Field(
+        "auto", description="Divide advantages by the group's reward std (group) or not (none); auto: none for dr_grpo.")
+    epsilon_low: float = Field(0.2, ge=0, description="Lower clip: ratio >= 1 - epsilon_low.")
+    epsilon_high: float | None = Field(None, ge=0, description="Upper clip (clip-higher, DAPO 0.28); default epsilon_low.")
+    beta: float = Field(0.0, ge=0, description="KL coefficient (k3 estimator); 0 builds no reference model.")
+    max_prompt_len: int = Field(512, ge=1, description="Prompts longer than this (tokens) are dropped at load, counted.")
+    max_completion_len: int = Field(1024, ge=1, description="Tokens generated at most per completion.")
+    temperature: float = Field(1.0, gt=0, description="Rollout sampling temperature (also divides the trainer's logits).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Rollout nucleus sampling.")
+    top_k: int | None = Field(None, ge=1, description="Rollout top-k.")
+    stop: list[str] = Field(default_factory=list, description="Extra stop strings for rollouts.")
+    mask_truncated: bool = Field(False, description="No loss on completions cut by max_completion_len.")
+    filter_groups: bool = Field(False, description="No loss on groups whose rewards are all equal.")
+
+
+class GRPOTrain(TrainBase):
+    lr: float = Field(1e-6, gt=0, description="Peak learning rate (AdamW).")
+    micro_batch_size: int = Field(4, ge=1, description="Completions per forward pass.")
+    max_steps: int | None = Field(None, ge=1, description="Rollout steps (default: epochs over the prompts).")
+    seed: int = Field(42, description="Sampling and initialisation seed.")
+
+
+class GRPOConfig(Strict):
+    """`mathctl grpo` recipe."""
+
+    step: Literal["grpo"] = "grpo"
+    model: ModelSpec
+    data: GRPOData = Field(default_factory=GRPOData)
+    grpo: GRPOSpec = Field(default_factory=GRPOSpec)
+    rewards: RewardsConfig = Field(default_factory=RewardsConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    train: GRPOTrain = Field(default_factory=GRPOTrain)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> GRPOConfig:
+        if "{prompt}" not in self.data.prompt_template:
+            raise ValueError("data.prompt_template must contain {prompt}")
+        world = self.launch.num_processes
+        if self.grpo.prompts_per_step % world:
+            raise ValueError(f"grpo.prompts_per_step ({self.grpo.prompts_per_step}) must be a multiple of "
+                             f"launch.num_processes ({world})")
+        local = self.grpo.prompts_per_step // world * self.grpo.group_size
+        if local % self.grpo.mini_batches:
+            raise ValueError(f"each process's {local} completions per step do not split into grpo.mini_batches="
+                             f"{self.grpo.mini_batches} equal parts")
+        check_lora_launch(self.lora, self.launch)
+        return self
+
+    def seeds(self) -> dict[str, int]:
+        return {"train": self.train.seed, "data_shuffle": self.data.shuffle_seed, "synthetic": self.data.synthetic.seed}
+
+    @property
+    def std_scaling(self) -> bool:
+        mode = self.grpo.scale_rewards
+        return mode == "group" or (mode == "auto" and self.grpo.loss_type != "dr_grpo")
+
+    @property
+    def epsilon_high(self) -> float:
+        return self.grpo.epsilon_high if self.grpo.epsilon_high is not None else self.grpo.epsilon_low
+
+
+# --- the objective ----------------------------------------------------------------------------
+
+
+def group_advantages(rewards: list[float], group_size: int, scale: bool) -> tuple[list[float], list[bool]]:
+    """Per-completion advantages (consecutive runs of `group_size` form a group) and, per completion,
+    whether its group's rewards were all equal."""
+    out, flat = [], []
+    for start in range(0, len(rewards), group_size):
+        group = rewards[start:start + group_size]
+        mean = sum(group) / len(group)
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (len(group) - 1)) if len(group) > 1 else 0.0
+        same = max(group) - min(group) == 0
+        for r in group:
+            out.append((r - mean) / (std + ADV_EPS) if scale else r - mean)
+            flat.append(same)
+    return out, flat
+
+
+def token_losses(logps, old_logps, advantages, mask, *, epsilon_low: float, epsilon_high: float, beta: float = 0.0,
+                 ref_logps=None) -> dict[str, Any]:
+    """Per-token loss terms. Tensors are (batch, tokens); `advantages` is (batch,). Returns the
+    per-token loss and the clip/KL statistics (masked tokens are zeroed)."""
+    import torch
+
+    mask = mask.to(logps.dtype)
+    on = mask > 0  # padding and masked completions: log-ratio 0, so no inf/nan can leak through `* mask`
+    ratio = torch.exp(torch.where(on, logps - old_logps, torch.zeros_like(logps)))
+    adv = advantages[:, None].to(logps.dtype)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * adv
+    per_token = -torch.min(unclipped, clipped)
+    kl = None
+    if beta > 0:
+        if ref_logps is None:
+            raise ValueError("beta > 0 needs reference log-probabilities")
+        delta = torch.where(on, ref_logps - logps, torch.zeros_like(logps))
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + beta * kl
+    # clipping is active where the clipped branch is the smaller one and differs (its gradient is 0)
+    low = (ratio < 1 - epsilon_low) & (adv < 0)
+    high = (ratio > 1 + epsilon_high) & (adv > 0)
+    return {"loss": per_token * mask, "kl": None if kl is None else kl * mask, "clipped": (low | high).to(logps.dtype) * mask,
+            "mask": mask}
+
+
+def aggregate(per_token, mask, loss_type: str, *, num_sequences: float, num_tokens: float, max_completion_len: int):
+    """The step's loss contribution of this micro-batch. `num_sequences` / `num_tokens` are the whole
+    optimiser step's counts (all micro-batches, all processes)."""
+    if loss_type == "grpo":
+        lengths = mask.sum(-1).clamp(min=1)
+        return (per_token.sum(-1) / lengths).sum() / max(num_sequences, 1)
+    if loss_type == "dapo":
+        return per_token.sum() / max(num_tokens, 1)
+    if loss_type == "dr_grpo":
+        return per_token.sum() / max(num_sequences * max_completion_len, 1)
+    raise ValueError(f"unknown loss_type {loss_type}")
+
+
+# --- data -------------------------------------------------------------------------------------
+
+_PROMPT_FIELDS = ("problem", "question", "query")
+_ANSWER_FIELDS = ("answer", "expected_answer", "final_answer", "gold")
+
+
+def load_prompts(data: GRPOData) -> list[dict[str, Any]]:
+    """Rows as {messages, answer}; a row without a usable prompt or answer exits 2 naming it."""
+    from mathctl.grading.extract import extract_boxed_all
+    from mathctl.sft import SFTData, load_rows
+
+    rows = load_rows(SFTData(source=data.source, subset=data.subset, split=data.split, synthetic=data.synthetic,
+                             max_rows=data.max_rows))
+    if data.max_rows:
+        rows = rows[: data.max_rows]
+    out = []
+    for i, row in enumerate(rows):
+        if data.prompt_field:
+            if data.prompt_field not in row:
+                raise DataError(f"row {i + 1} of {data.source} has no field {data.prompt_field}", hint="fix data.prompt_field")
+            content = data.prompt_template.replace("{prompt}", str(row[data.prompt_field]))
+        elif "prompt" in row and isinstance(row["prompt"], str):
+            content = row["prompt"]  # a `mathctl data --kind rl` row: the template is applied already
+        else:
+            key = next((k for k in _PROMPT_FIELDS if k in row), None)
+            if key is None:
+                raise DataError(f"row {i + 1} of {data.source} has no prompt field (has {sorted(row)})",
+                                hint="set data.prompt_field, or prepare the data with `mathctl data prepare --kind rl`")
+            content = data.prompt_template.replace("{prompt}", str(row[key]))
+        answer_key = data.answer_field or next((k for k in _ANSWER_FIELDS if row.get(k) not in (None, "")), None)
+        answer = row.get(answer_key) if answer_key else None
+        if answer in (None, "") and isinstance(row.get("solution"), str):
+            boxes = extract_boxed_all(row["solution"])
+            answer = boxes[-1] if boxes else None
+        if answer in (None, ""):
+            raise DataError(f"row {i + 1} of {data.source} has no gold answer",
+                            hint="set data.answer_field, or drop rows without answers (`mathctl data prepare --kind rl` does)")
+        messages = [{"role": "user", "content": content}]
+        if data.system_prompt:
+            messages.insert(0, {"role": "system", "content": data.system_prompt})
+        out.append({"messages": messages, "answer": answer if isinstance(answer, list) else str(answer)})
+    if not out:
+        raise DataError(f"{data.source} holds no prompts", hint="check data.source")
+    return out
+
+
+class PromptPlan:
+    """Which prompts step s uses: a seeded permutation per pass over the data, consumed in order."""
+
+    def __init__(self, num_prompts: int, per_step: int, seed: int):
+        self.n, self.per_step, self.seed = num_prompts, per_step, seed
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            order = list(range(self.n))
+            random.Random(self.seed + epoch).shuffle(order)
+            self._orders[epoch] = order
+        return self._orders[epoch]
+
+    def indices(self, step: int) -> list[int]:
+        start = step * self.per_step
+        return [self._order((start + k) // self.n)[(start + k) % self.n] for k in range(self.per_step)]
+
+
+# --- weights for the engine -------------------------------------------------------------------
+
+
+def engine_state_dict(model, lora: LoraSpec, distributed: bool) -> dict[str, Any]:
+    """Full weights of the policy under the plain model's names, on every process; LoRA merged."""
+    import torch
+
+    from mathctl import training
+
+    inner = training.unwrap(model)
+    if distributed:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+    else:
+        state = inner.state_dict()
+    if not lora.enabled:
+        return {k: v.detach() for k, v in state.items()}
+    scale = lora.alpha / lora.r
+    prefix = "base_model.model."
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if ".lora_A." in key or ".lora_B." in key or "lora_dropout" in key:
+            continue
+        name = key[len(prefix):] if key.startswith(prefix) else key
+        if ".base_layer." in name:
+            module = key.split(".base_layer.")[0]
+            name = name.replace(".base_layer.", ".")
+            a = state.get(f"{module}.lora_A.default.weight")
+            b = state.get(f"{module}.lora_B.default.weight")
+            if a is not None and b is not None and name.endswith(".weight"):
+                value = value.detach() + scale * (b.detach().float() @ a.detach().float()).to(value.dtype)
+        out[name] = value.detach()
+    return out
+
+
+# --- log-probabilities ------------------------------------------------------------------------
+
+
+def build_batch(items: list[dict[str, Any]], pad_id: int, device):
+    """Prompts left-padded, completions right-padded: completion token j of every row sits at column
+    P + j, so the logits of the last C + 1 positions are all that is needed."""
+    import torch
+
+    p_len = max(len(it["prompt_ids"]) for it in items)
+    c_len = max(len(it["completion_ids"]) for it in items)
+    ids = torch.full((len(items), p_len + c_len), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    cmask = torch.zeros((len(items), c_len), dtype=torch.float32)
+    for r, it in enumerate(items):
+        p, c = it["prompt_ids"], it["completion_ids"]
+        ids[r, p_len - len(p):p_len] = torch.tensor(p)
+        ids[r, p_len:p_len + len(c)] = torch.tensor(c)
+        attn[r, p_len - len(p):p_len + len(c)] = 1
+        cmask[r, :len(c)] = 1.0
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "position_ids": positions.to(device),
+            "completion_mask": cmask.to(device), "completion_ids": ids[:, p_len:].to(device), "c_len": c_len}
+
+
+def completion_logprobs(model, batch: dict[str, Any], temperature: float, *, entropy: bool = False):
+    """log p(token) of every completion position under logits / temperature; optionally the entropy."""
+    import torch
+
+    c_len = batch["c_len"]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], use_cache=False, logits_to_keep=c_len + 1)
+    logits = out.logits[:, :-1, :].float() / temperature  # position P-1+j predicts completion token j
+    lse = torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(-1, batch["completion_ids"][..., None])[..., 0] - lse
+    ent = None
+    if entropy:
+        with torch.no_grad():
+            probs = torch.softmax(logits, -1)
+            ent = lse - (probs * logits).sum(-1)
+    return logps, ent
+
+
+# --- run --------------------------------------------------------------------------------------
+
+
+def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
+    import contextlib
+
+    import torch
+
+    from mathctl import models, training
+    from mathctl.core.config import SamplingConfig
+    from mathctl.core.io import atomic_write_json, atomic_write_text
+    from mathctl.engines import make_engine, resolve_backend
+    from mathctl.engines.hf import HFEngine
+
+    g = cfg.grpo
+    dist = training.init_distributed(cfg.launch)
+    training.set_seed(cfg.train.seed)
+    tokenizer = models.load_tokenizer(cfg.model)
+    if dist.is_main:
+        atomic_write_text(run_dir.path / "chat_template.jinja", tokenizer.chat_template)
+
+    # --- data
+    rows = load_prompts(cfg.data)
+    for row in rows:
+        text = tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
+        row["prompt_ids"] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    kept = [r for r in rows if len(r["prompt_ids"]) <= g.max_prompt_len]
+    dropped = len(rows) - len(kept)
+    if not kept:
+        raise DataError(f"every prompt is longer than grpo.max_prompt_len={g.max_prompt_len} tokens",
+                        hint="raise grpo.max_prompt_len")
+    rows = kept
+    plan = PromptPlan(len(rows), g.prompts_per_step, cfg.data.shuffle_seed)
+    total_steps = cfg.train.max_steps or max(1, math.ceil(len(rows) * cfg.train.epochs / g.prompts_per_step))
+    opt_steps = total_steps * g.epochs * g.mini_batches
+    stats = {"prompts": len(rows), "dropped_long_prompts": dropped, "steps": total_steps,
+             "optimizer_steps": opt_steps, "completions_per_step": g.prompts_per_step * g.group_size}
+    if dist.is_main:
+        atomic_write_json(run_dir.path / "data_stats.json", stats)
+    log(f"data: {len(rows)} prompts ({dropped} longer than {g.max_prompt_len} tokens dropped); {total_steps} steps of "
+        f"{g.prompts_per_step} prompts x {g.group_size} completions")
+
+    # --- policy, reference, engine
+    model = models.load_causal_lm(cfg.model, device_type=dist.device.type)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    ref_model = None
+    if g.beta > 0 and not cfg.lora.enabled:
+        ref_model = models.load_causal_lm(cfg.model, device_type=dist.device.type).to(dist.device).eval()
+        ref_model.requires_grad_(False)
+    if cfg.lora.enabled:
+        if cfg.train.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = training.apply_lora(model, cfg.lora)
+    model.to(dist.device)
+    model = training.shard_model(model, cfg.launch, cfg.train, dist)
+    model.train()
+    optimizer = training.build_optimizer(model, cfg.train)
+    scheduler = training.build_scheduler(optimizer, cfg.train, opt_steps)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    backend = resolve_backend(cfg.engine.backend)
+    # the engine holds its own copy of the weights (as a colocated vLLM does); push_weights refreshes it
+    engine = HFEngine(cfg.model, cfg.engine, tokenizer=tokenizer) if backend == "hf" else make_engine(cfg.model, cfg.engine)
+    log(f"model: {cfg.model.path}, trainable parameters {trainable:,} on {dist.world} process(es); rollouts on "
+        f"{backend}; reference model: {'adapters off' if cfg.lora.enabled and g.beta > 0 else 'copy' if ref_model else 'none (beta 0)'}")
+
+    def push_weights() -> float:
+        started = time.perf_counter()
+        engine.load_weights(engine_state_dict(model, cfg.lora, dist.distributed))
+        return time.perf_counter() - started
+
+    # --- resume
+    start_step = 0
+    latest = run_dir.latest_checkpoint()
+    if latest is not None:
+        state = training.load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler, dist=dist)
+        start_step = state["step"]
+        log(f"resumed from {latest.name}: continuing at step {start_step}")
+        push_weights()
+    if dist.is_main:
+        run_dir.truncate_metrics(start_step)
+
+    def save(step: int) -> None:
+        training.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                 trainer_state={"rollout_step": step}, dist=dist,
+                                 keep_last=cfg.output.keep_last_checkpoints, hf=cfg.output.save_hf_checkpoints,
+                                 tokenizer=tokenizer, lora=cfg.lora, chat_template=tokenizer.chat_template)
+
+    def ref_context():
+        if cfg.lora.enabled:
+            return training.unwrap(model).disable_adapter()
+        return contextlib.nullcontext()
+
+    def logprobs_of(items: list[dict[str, Any]], which) -> list[list[float]]:
+        out: list[list[float]] = []
+        with torch.no_grad(), training.autocast(cfg.train, dist, which):
+            for i in range(0, len(items), cfg.train.micro_batch_size):
+                chunk = items[i:i + cfg.train.micro_batch_size]
+                batch = build_batch(chunk, tokenizer.pad_token_id, dist.device)
+                lp, _ = completion_logprobs(which, batch, g.temperature)
+                out += [lp[r, :len(it["completion_ids"])].tolist() for r, it in enumerate(chunk)]
+        return out
+
+    sampling = SamplingConfig(n=g.group_size, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                              max_new_tokens=g.max_completion_len, stop=g.stop, logprobs=True)
+    reward_names = list(cfg.rewards.weights)
+    eps_low, eps_high = g.epsilon_low, cfg.epsilon_high
+    started = time.perf_counter()
+    last: dict[str, Any] = {}
+
+    with progress("grpo", total_steps) as advance:
+        advance(start_step)
+        for step in range(start_step, total_steps):
+            record: dict[str, Any] = {"step": step + 1}
+            # 1. rollouts (this process's share of the step's prompts)
+            t0 = time.perf_counter()
+            chosen = plan.indices(step)[dist.rank::dist.world]
+            prompts = [rows[i]["messages"] for i in chosen]
+            samples = engine.generate(prompts, sampling.model_copy(update={"seed": cfg.train.seed + step}),
+                                      prompt_seeds=chosen)
+            gen_s = time.perf_counter() - t0
+
+            # 2. rewards
+            t0 = time.perf_counter()
+            items: list[dict[str, Any]] = []
+            for idx, messages, group in zip(chosen, prompts, samples):
+                for s in group:
+                    items.append({"prompt_ids": rows[idx]["prompt_ids"], "completion_ids": list(s.token_ids),
+                                  "text": s.text, "answer": rows[idx]["answer"], "truncated": s.finish_reason == "length",
+                                  "engine_logprobs": s.logprobs, "prompt": messages[-1]["content"]})
+            totals, per_fn = cfg.rewards.compute([it["prompt"] for it in items], [it["text"] for it in items],
+                                                 [it["answer"] for it in items])
+            reward_s = time.perf_counter() - t0
+
+            # 3. advantages and masks
+            advantages, flat = group_advantages(totals, g.group_size, cfg.std_scaling)
+            for k, it in enumerate(items):
+                it["advantage"] = advantages[k]
+                it["reward"] = totals[k]
+                it["active"] = not ((g.filter_groups and flat[k]) or (g.mask_truncated and it["truncated"]))
+
+            # 4. optimisation
+            t0 = time.perf_counter()
+            model.eval()
+            reuse_old = g.epochs * g.mini_batches == 1
+            old = None if reuse_old else logprobs_of(items, model)
+            refs = None
+            if g.beta > 0:
+                with ref_context():
+                    refs = logprobs_of(items, ref_model if ref_model is not None else model)
+            model.train()
+            local_stats = {"kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0.0, "active_tokens": 0.0, "loss": 0.0,
+                           "lp_diff": 0.0, "lp_tokens": 0.0}
+            grad_norm = 0.0
+            order_rng = random.Random(cfg.train.seed * 1_000_003 + step)
+            for epoch in range(g.epochs):
+                order = list(range(len(items)))
+                if g.epochs > 1 or g.mini_batches > 1:
+                    order_rng.shuffle(order)
+                size = len(order) // g.mini_batches
+                for mb in range(g.mini_batches):
+                    part = order[mb * size:(mb + 1) * size]
+                    active = [i for i in part if items[i]["active"]]
+                    n_seq, n_tok = dist.all_reduce_sum([len(active), sum(len(items[i]["completion_ids"]) for i in active)])
+                    for m in range(0, len(part), cfg.train.micro_batch_size):
+                        chunk_ids = part[m:m + cfg.train.micro_batch_size]
+                        chunk = [items[i] for i in chunk_ids]
+                        batch = build_batch(chunk, tokenizer.pad_token_id, dist.device)
+                        mask = batch["completion_mask"] * torch.tensor([float(it["active"]) for it in chunk],
+                                                                      device=dist.device)[:, None]
+                        first = epoch == 0  # statistics of the rollout policy: the first pass only
+                        with training.autocast(cfg.train, dist, model):
+                            logps, ent = completion_logprobs(model, batch, g.temperature, entropy=epoch == 0)
+                        old_t = logps.detach() if reuse_old else _pad_rows([old[i] for i in chunk_ids], logps)
+                        ref_t = _pad_rows([refs[i] for i in chunk_ids], logps) if refs is not None else None
+                        adv = torch.tensor([it["advantage"] for it in chunk], device=dist.device)
+                        terms = token_losses(logps, old_t, adv, mask, epsilon_low=eps_low, epsilon_high=eps_high,
+                                             beta=g.beta, ref_logps=ref_t)
+                        loss = aggregate(terms["loss"], mask, g.loss_type, num_sequences=n_seq, num_tokens=n_tok,
+                                         max_completion_len=g.max_completion_len)
+                        (loss * dist.world).backward()  # FSDP/DDP average over ranks; the loss is already global
+                        if first:
+                            full = batch["completion_mask"]
+                            local_stats["loss"] += float(loss.detach())
+                            local_stats["tokens"] += float(full.sum())
+                            local_stats["active_tokens"] += float(mask.sum())
+                            local_stats["clipped"] += float(terms["clipped"].sum())
+                            if terms["kl"] is not None:
+                                local_stats["kl"] += float(terms["kl"].detach().sum())
+                            if ent is not None:
+                                local_stats["entropy"] += float((ent * full).sum())
+                            for r, it in enumerate(chunk):
+                                if it["engine_logprobs"]:
+                                    n = len(it["completion_ids"])
+                                    diff = torch.tensor(it["engine_logprobs"][:n], device=dist.device) - logps[r, :n].detach()
+                                    local_stats["lp_diff"] += float(diff.abs().sum())
+                                    local_stats["lp_tokens"] += n
+                    grad_norm = training.clip_grad_norm(model, cfg.train.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            train_s = time.perf_counter() - t0
+            sync_s = push_weights()
+
+            # 5. metrics (over all processes)
+            n_items = len(items)
+            sums = dist.all_reduce_sum([
+                n_items, sum(totals), sum(t * t for t in totals),
+                *[sum(per_fn[name]) for name in reward_names],
+                sum(len(it["completion_ids"]) for it in items), sum(it["truncated"] for it in items),
+                sum(flat) / g.group_size, sum(1 for it in items if it["active"]),
+                local_stats["tokens"], local_stats["active_tokens"], local_stats["clipped"], local_stats["kl"],
+                local_stats["entropy"],
+                local_stats["loss"], local_stats["lp_diff"], local_stats["lp_tokens"],
+                sum(per_fn["correctness"]) if "correctness" in per_fn else 0.0,
+            ])
+            count, r_sum, r_sq = sums[0], sums[1], sums[2]
+            fn_sums = sums[3:3 + len(reward_names)]
+            (len_sum, trunc, zero_groups, active_n, tok, active_tok, clipped, kl, entropy, loss_sum, lp_diff, lp_tok,
+             correct) = sums[3 + len(reward_names):]
+            mean = r_sum / count
+            record.update({
+                "reward": mean, "reward_std": math.sqrt(max(r_sq / count - mean * mean, 0.0)),
+                **{f"reward/{name}": s / count for name, s in zip(reward_names, fn_sums)},
+                "completion_len": len_sum / count, "truncated_frac": trunc / count,
+                "zero_std_groups_frac": zero_groups / (count / g.group_size), "active_frac": active_n / count,
+                "clip_frac": clipped / max(active_tok, 1), "entropy": entropy / max(tok, 1), "loss": loss_sum / g.mini_batches,
+                "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                "generation_s": gen_s, "reward_s": reward_s, "train_s": train_s, "weight_sync_s": sync_s,
+                "elapsed_s": time.perf_counter() - started,
+            })
+            if "correctness" in per_fn:
+                record["accuracy"] = correct / count
+            if g.beta > 0:
+                record["kl"] = kl / max(active_tok, 1)
+            if lp_tok:
+                record["logprob_diff"] = lp_diff / lp_tok
+            last = record
+            done = step + 1
+            if dist.is_main and (done % cfg.train.log_every_steps == 0 or done == total_steps):
+                run_dir.log_metrics(record)
+                if not console.is_terminal:
+                    acc = f" accuracy {record['accuracy']:.3f}" if "accuracy" in record else ""
+                    log(f"step {done}/{total_steps} reward {mean:.3f}{acc} len {record['completion_len']:.1f} "
+                        f"gen {gen_s:.1f}s train {train_s:.1f}s")
+            advance(1, reward=f"{mean:.3f}")
+            if cfg.output.save_every_steps and done % cfg.output.save_every_steps == 0 and done != total_steps:
+                save(done)
+    train_seconds = time.perf_counter() - started
+    engine.close()
+
+    if start_step < total_steps or run_dir.latest_checkpoint() is None:
+        save(total_steps)
+    training.save_hf(model, tokenizer, run_dir.final_dir, dist, lora=cfg.lora, chat_template=tokenizer.chat_template)
+    summary: dict[str, Any] = {
+        "status": "completed", "run_dir": str(run_dir.path), "final_dir": str(run_dir.final_dir), "steps": total_steps,
+        "resumed_from_step": start_step, "train_seconds": round(train_seconds, 3), "world_size": dist.world,
+        "backend": backend, "data": stats,
+    }
+    if dist.is_main:
+        metrics = [r for r in run_dir.read_metrics() if "reward" in r]
+        if metrics:
+            head, tail = metrics[: min(10, len(metrics))], metrics[-min(10, len(metrics)):]
+            summary["reward_first10"] = sum(r["reward"] for r in head) / len(head)
+            summary["reward_last10"] = sum(r["reward"] for r in tail) / len(tail)
+            summary["last"] = {k: v for k, v in last.items() if not k.endswith("_s")}
+        if cfg.output.plots and metrics:
+            series = [("reward", "mean reward")] + [(f"reward/{n}", n) for n in reward_names if len(reward_names) > 1]
+            if "accuracy" in metrics[0]:
+                series.append(("accuracy", "accuracy"))
+            training.plot_curves(metrics, series, run_dir.plots_dir / "reward.png", f"mathctl grpo: {run_dir.path.name}",
+                                 "reward")
+            training.plot_curves(metrics, [("completion_len", "completion tokens")], run_dir.plots_dir / "length.png",
+                                 "completion length", "tokens")
+            extra = [(k, k) for k in ("kl", "clip_frac", "entropy") if k in metrics[0]]
+            training.plot_curves(metrics, extra, run_dir.plots_dir / "policy.png", "policy statistics", "value")
+        run_dir.finish("completed", summary)
+    training.close_distributed(dist)
+    return summary
+
+
+def _pad_rows(rows: list[list[float]], like):
+    import torch
+
+    out = torch.zeros_like(like)
+    for r, values in enumerate(rows):
+        out[r, :len(values)] = torch.tensor(values, dtype=like.dtype, device=like.device)
+    return out
+
