@@ -69,8 +69,9 @@ ADV_EPS = 1e-4
 
 
 class GRPOData(Strict):
-    source: str = Field("synthetic", description="`synthetic`; a folder from `mathctl data prepare --kind rl`; "
-                        "a .jsonl/.json/.parquet file with prompt (or problem/question) and answer; or a hub id.")
+    source: str | list[str] = Field(
+        "synthetic", description="`synthetic`; a folder from `mathctl data prepare --kind rl`; a .jsonl/.json/.parquet "
+        "file with prompt (or problem/question) and answer; a hub id; or a list of these (mixed).")
     subset: str | None = Field(None, description="Hub dataset config name.")
     split: str = Field("train", description="Split of a hub dataset or data folder.")
     prompt_field: str | None = Field(None, description="Field with the user turn; auto: prompt (used as it is), "
@@ -226,22 +227,27 @@ def load_prompts(data: GRPOData) -> list[dict[str, Any]]:
     from mathctl.grading.extract import extract_boxed_all
     from mathctl.sft import SFTData, load_rows
 
-    rows = load_rows(SFTData(source=data.source, subset=data.subset, split=data.split, synthetic=data.synthetic,
-                             max_rows=data.max_rows))
+    sources = [data.source] if isinstance(data.source, str) else list(data.source)
+    if not sources:
+        raise DataError("data.source is an empty list", hint="name at least one data source")
+    rows = []  # (source, row number in it, row)
+    for source in sources:
+        loaded = load_rows(SFTData(source=source, subset=data.subset, split=data.split, synthetic=data.synthetic))
+        rows += [(source, i, row) for i, row in enumerate(loaded)]
     if data.max_rows:
         rows = rows[: data.max_rows]
     out = []
-    for i, row in enumerate(rows):
+    for source, i, row in rows:
         if data.prompt_field:
             if data.prompt_field not in row:
-                raise DataError(f"row {i + 1} of {data.source} has no field {data.prompt_field}", hint="fix data.prompt_field")
+                raise DataError(f"row {i + 1} of {source} has no field {data.prompt_field}", hint="fix data.prompt_field")
             content = data.prompt_template.replace("{prompt}", str(row[data.prompt_field]))
         elif "prompt" in row and isinstance(row["prompt"], str):
             content = row["prompt"]  # a `mathctl data --kind rl` row: the template is applied already
         else:
             key = next((k for k in _PROMPT_FIELDS if k in row), None)
             if key is None:
-                raise DataError(f"row {i + 1} of {data.source} has no prompt field (has {sorted(row)})",
+                raise DataError(f"row {i + 1} of {source} has no prompt field (has {sorted(row)})",
                                 hint="set data.prompt_field, or prepare the data with `mathctl data prepare --kind rl`")
             content = data.prompt_template.replace("{prompt}", str(row[key]))
         answer_key = data.answer_field or next((k for k in _ANSWER_FIELDS if row.get(k) not in (None, "")), None)
@@ -250,14 +256,14 @@ def load_prompts(data: GRPOData) -> list[dict[str, Any]]:
             boxes = extract_boxed_all(row["solution"])
             answer = boxes[-1] if boxes else None
         if answer in (None, ""):
-            raise DataError(f"row {i + 1} of {data.source} has no gold answer",
+            raise DataError(f"row {i + 1} of {source} has no gold answer",
                             hint="set data.answer_field, or drop rows without answers (`mathctl data prepare --kind rl` does)")
         messages = [{"role": "user", "content": content}]
         if data.system_prompt:
             messages.insert(0, {"role": "system", "content": data.system_prompt})
         out.append({"messages": messages, "answer": answer if isinstance(answer, list) else str(answer)})
     if not out:
-        raise DataError(f"{data.source} holds no prompts", hint="check data.source")
+        raise DataError(f"{', '.join(sources)} holds no prompts", hint="check data.source")
     return out
 
 

@@ -107,7 +107,7 @@ TINY_PRESETS: dict[str, dict[str, Any]] = {
                      "num_key_value_heads": 2, "intermediate_size": 4864, "vocab_size": 151936,
                      "tie_word_embeddings": True, "rope_theta": 1000000.0},
 }
-TINY_VERSION = 1  # bump when the tokenizer corpus or presets change; part of the cache key
+TINY_VERSION = 2  # bump when the tokenizer corpus or presets change; part of the cache key
 TINY_VOCAB = 512
 
 

@@ -83,3 +83,14 @@ def lively_model(tiny_model, tmp_path_factory) -> Path:
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def sft_policy(tmp_path_factory) -> Path:
+    """The quickstart SFT policy (`mathctl sft --recipe quickstart-sft`, about a minute on 2 cores):
+    the starting point of the lifecycle tests (eval, PPM, GRPO), as in the README's pipeline."""
+    run = tmp_path_factory.mktemp("policy") / "sft"
+    proc = run_cli("sft", "--recipe", "quickstart-sft", "--run-dir", str(run), "output.save_every_steps=null",
+                   "output.plots=false")
+    assert proc.returncode == 0, proc.stderr
+    return run / "final"
