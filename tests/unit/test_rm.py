@@ -100,8 +100,8 @@ def test_positions_for_ends():
 
 
 def test_scorer_reads_each_step_where_training_reads_it(tiny_model, tokenizer):
-    """One pass over a trajectory gives, for step k, the value training computes for prefix + step k
-    alone (scored at its last token)."""
+    """One pass over a trajectory gives, for step k, the value the model computes for prefix + step k
+    alone, cut after its last non-whitespace character (where training reads it: not on the newline)."""
     from mathctl.core.config import ModelSpec
     from mathctl.models import load_tokenizer
     from mathctl.rm import render_prompt
@@ -114,7 +114,7 @@ def test_scorer_reads_each_step_where_training_reads_it(tiny_model, tokenizer):
     head = render_prompt(tok, "Ava has 5 pens and buys 3. How many?", "{prompt}")
     alone = []
     for k in range(len(steps)):
-        ids = tok(head + "".join(steps[: k + 1]), add_special_tokens=False)["input_ids"]
+        ids = tok(head + "".join(steps[:k]) + steps[k].rstrip(), add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             out = model(input_ids=torch.tensor([ids]))
         alone.append(float(out.logits[0, 0]))  # the model's own pooled score: the last token
