@@ -88,10 +88,10 @@ def make_checkpoint(folder: Path, gb: float) -> dict[str, Any]:
 
 
 def side_stream(args: argparse.Namespace) -> dict[str, Any]:
-    from mathctl.convert import convert
-
     import transformers.models.qwen2.modeling_qwen2  # noqa: F401 - imports before the baseline and the clock
     from transformers import AutoModelForCausalLM  # noqa: F401
+
+    from mathctl.convert import convert
 
     base = _rss_now()
     began = time.perf_counter()

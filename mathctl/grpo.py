@@ -291,7 +291,6 @@ class PromptPlan:
 
 def engine_state_dict(model, lora: LoraSpec, distributed: bool) -> dict[str, Any]:
     """Full weights of the policy under the plain model's names, on every process; LoRA merged."""
-    import torch
 
     from mathctl import training
 
@@ -387,9 +386,9 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
 
     # --- data
     rows = load_prompts(cfg.data)
-    for row in rows:
-        text = tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
-        row["prompt_ids"] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True) for r in rows]
+    for row, ids in zip(rows, tokenizer(texts, add_special_tokens=False)["input_ids"]):  # one batched call
+        row["prompt_ids"] = ids
     kept = [r for r in rows if len(r["prompt_ids"]) <= g.max_prompt_len]
     dropped = len(rows) - len(kept)
     if not kept:
@@ -408,18 +407,11 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
 
     # --- policy, reference, engine
     model = models.load_causal_lm(cfg.model, device_type=dist.device.type)
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
     ref_model = None
     if g.beta > 0 and not cfg.lora.enabled:
         ref_model = models.load_causal_lm(cfg.model, device_type=dist.device.type).to(dist.device).eval()
         ref_model.requires_grad_(False)
-    if cfg.lora.enabled:
-        if cfg.train.gradient_checkpointing:
-            model.enable_input_require_grads()
-        model = training.apply_lora(model, cfg.lora)
-    model.to(dist.device)
+    model = training.adapt_model(model, cfg.train, cfg.lora, dist.device)
     model = training.shard_model(model, cfg.launch, cfg.train, dist)
     model.train()
     optimizer = training.build_optimizer(model, cfg.train)

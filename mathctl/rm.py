@@ -51,8 +51,15 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from mathctl.core.config import (LaunchConfig, LoraSpec, ModelSpec, OutputConfig, Strict, TrainBase,
-                                 check_lora_launch)
+from mathctl.core.config import (
+    LaunchConfig,
+    LoraSpec,
+    ModelSpec,
+    OutputConfig,
+    Strict,
+    TrainBase,
+    check_lora_launch,
+)
 from mathctl.core.console import console, log, progress
 from mathctl.core.errors import ConfigError, DataError
 from mathctl.core.rundir import RunDir
@@ -399,14 +406,8 @@ def run(cfg: RMConfig, run_dir: RunDir) -> dict[str, Any]:
 
     model = load_reward_model(cfg.model, tokenizer, device_type=dist.device.type, init_std=cfg.rm.head_init_std,
                               seed=cfg.train.seed)
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if cfg.lora.enabled:
-        if cfg.train.gradient_checkpointing:
-            model.enable_input_require_grads()
-        model = training.apply_lora(model, cfg.lora, task_type="SEQ_CLS")  # the score head is trained in full
-    model.to(dist.device)
+    # SEQ_CLS: the score head is trained in full beside the adapters
+    model = training.adapt_model(model, cfg.train, cfg.lora, dist.device, task_type="SEQ_CLS")
     capture = _Capture(model)
     model = training.shard_model(model, cfg.launch, cfg.train, dist)
     model.train()

@@ -15,15 +15,21 @@ Phases: setup -> data -> model -> loop (forward/backward, step, log, eval, check
 from __future__ import annotations
 
 import bisect
-
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from mathctl.core.config import (LaunchConfig, LoraSpec, ModelSpec, OutputConfig, Strict, TrainBase,
-                                 check_lora_launch)
+from mathctl.core.config import (
+    LaunchConfig,
+    LoraSpec,
+    ModelSpec,
+    OutputConfig,
+    Strict,
+    TrainBase,
+    check_lora_launch,
+)
 from mathctl.core.console import console, log, progress
 from mathctl.core.errors import ConfigError, DataError
 from mathctl.core.rundir import RunDir
@@ -528,14 +534,7 @@ def run(cfg: SFTConfig, run_dir: RunDir) -> dict[str, Any]:
 
         attn = attention.register()
         model.set_attn_implementation(attn)
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if cfg.lora.enabled:
-        if cfg.train.gradient_checkpointing:
-            model.enable_input_require_grads()
-        model = training.apply_lora(model, cfg.lora)
-    model.to(dist.device)
+    model = training.adapt_model(model, cfg.train, cfg.lora, dist.device)
     model = training.shard_model(model, cfg.launch, cfg.train, dist)
     model.train()
     optimizer = training.build_optimizer(model, cfg.train)

@@ -114,6 +114,19 @@ def apply_lora(model: torch.nn.Module, lora: LoraSpec, task_type: str = "CAUSAL_
     return get_peft_model(model, config)
 
 
+def adapt_model(model: torch.nn.Module, train: TrainBase, lora: LoraSpec, device, task_type: str = "CAUSAL_LM"):
+    """Gradient checkpointing and LoRA adapters as the recipe says, then the model on `device`
+    (the steps shard it afterwards with `shard_model`)."""
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if lora.enabled:
+        if train.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = apply_lora(model, lora, task_type=task_type)
+    return model.to(device)
+
+
 def shard_model(model: torch.nn.Module, launch: LaunchConfig, train: TrainBase, dist: Dist) -> torch.nn.Module:
     """FSDP2 per decoder layer + root (preset fsdp) or DDP (preset ddp); unchanged on one process."""
     if not dist.distributed:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from mathctl.core.errors import DataError
 from mathctl.rm import (
-    RMData,
     RewardScorer,
+    RMData,
+    SyntheticPairs,
     _positions_for_ends,
     load_pairs,
     load_reward_model,
@@ -20,7 +20,6 @@ from mathctl.rm import (
     pairwise_loss,
     split_steps,
     synthetic_pairs,
-    SyntheticPairs,
 )
 
 
