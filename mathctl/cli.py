@@ -78,10 +78,10 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _saved_recipe(step: str, run_dir: Path | None) -> str:
+def _saved_recipe(step: str, run_dir: Path | None, command: str | None = None) -> str:
     """`--resume --run-dir DIR` alone: the run's own resolved recipe."""
     if run_dir is None:
-        raise ConfigError("--resume needs --run-dir", hint=f"mathctl {step} --resume --run-dir runs/{step}/NAME")
+        raise ConfigError("--resume needs --run-dir", hint=f"mathctl {command or step} --resume --run-dir runs/{step}/NAME")
     saved = run_dir / "recipe.yaml"
     if not saved.is_file():
         raise ConfigError(f"cannot resume: {run_dir} holds no recipe.yaml", hint="point --run-dir at an earlier run's folder")
@@ -89,7 +89,8 @@ def _saved_recipe(step: str, run_dir: Path | None) -> str:
 
 
 def run_step(step: str, *, recipe: str | None, overrides: list[str] | None, aliases: dict[str, Any],
-             run_dir: Path | None, resume: bool, dry_run: bool, as_json: bool, slurm: bool, submit: bool) -> None:
+             run_dir: Path | None, resume: bool, dry_run: bool, as_json: bool, slurm: bool, submit: bool,
+             command: str | None = None) -> None:
     """Shared flow of every training/search step: resolve, validate, make the run folder, run or launch."""
     from mathctl.core import launch as launching
     from mathctl.core.config import dump_yaml, load_recipe
@@ -100,10 +101,11 @@ def run_step(step: str, *, recipe: str | None, overrides: list[str] | None, alia
     module, config_cls = step_module(step)
     overrides = list(overrides or [])
     if resume and recipe is None and not overrides and all(v is None for v in aliases.values()):
-        recipe = _saved_recipe(step, run_dir)
+        recipe = _saved_recipe(step, run_dir, command)
     if recipe is None:
-        raise ConfigError(f"mathctl {step} needs --recipe", hint=f"e.g. mathctl {step} --recipe quickstart-{step}; "
-                          f"`mathctl {step} --help` lists the shipped recipes")
+        command = command or step
+        raise ConfigError(f"mathctl {command} needs --recipe", hint=f"e.g. mathctl {command} --recipe quickstart-{step}; "
+                          f"`mathctl {command} --help` lists the shipped recipes")
     cfg, name = load_recipe(step, config_cls, recipe, overrides, aliases)
     resolved = dump_yaml(cfg)
     if dry_run:
@@ -223,6 +225,48 @@ def grpo(
              resume=resume, dry_run=dry_run, as_json=json_out, slurm=slurm, submit=submit)
 
 
+@app.command("mcts-sample", help="rStar-Math Monte Carlo Tree Search over code-augmented steps (or beam search, "
+             "greedy), with a policy, an optional process preference model (--prm) and a sandbox for model-written "
+             "code. Writes trees.jsonl, sft.jsonl, ppm_pairs.jsonl and summary.json. --rounds N runs self-evolution: "
+             "search, train the next policy (sft) and PPM (rm) on the output, search again. "
+             "`mathctl mcts-sample merge DIR... --run-dir OUT` combines --shard i/N runs. "
+             "Example: mathctl mcts-sample --recipe quickstart-mcts --model runs/sft/quickstart-code/final --rounds 2. "
+             "Shipped recipes: " + _recipes_help("mcts"))
+def mcts_sample(
+    overrides: list[str] = typer.Argument(None, help="Dotted overrides (search.iterations=16), or `merge` followed "
+                                          "by shard folders.", show_default=False),
+    recipe: str = RecipeOpt,
+    model: str = ModelOpt,
+    prm: str = typer.Option(None, "--prm", help="Process preference model folder (a `mathctl rm` final/); sets prm."),
+    rounds: int = typer.Option(None, "--rounds", min=1, help="Self-evolution rounds (rounds.count)."),
+    shard: str = typer.Option(None, "--shard", help="i/N: search every N-th problem from i (data.shard)."),
+    limit: int = typer.Option(None, "--limit", min=1, help="First N problems (data.limit)."),
+    run_dir: Path = RunDirOpt,
+    resume: bool = ResumeOpt,
+    dry_run: bool = DryRunOpt,
+    json_out: bool = JsonOpt,
+    slurm: bool = SlurmOpt,
+    submit: bool = SubmitOpt,
+) -> None:
+    overrides = list(overrides or [])
+    if overrides[:1] == ["merge"]:
+        from mathctl import mcts_sample as mcts
+
+        if run_dir is None:
+            raise ConfigError("mcts-sample merge needs --run-dir for the merged folder",
+                              hint="mathctl mcts-sample merge runs/mcts/a-0 runs/mcts/a-1 --run-dir runs/mcts/a")
+        summary = mcts.merge([Path(d) for d in overrides[1:]], run_dir)
+        from mathctl.core.console import print_table
+
+        print_table(mcts.rounds_table([{"round": 1, **summary}]))
+        _emit(summary, json_out)
+        return
+    run_step("mcts", recipe=recipe, overrides=overrides, aliases={
+        "model.path": model, "prm": prm, "rounds.count": rounds, "data.shard": shard, "data.limit": limit},
+        run_dir=run_dir, resume=resume, dry_run=dry_run, as_json=json_out, slurm=slurm, submit=submit,
+        command="mcts-sample")
+
+
 @app.command("tiny-model", help="Write a random-initialised tiny model and a locally trained tokenizer as a "
              "Hugging Face folder (for the quickstart and tests). Recipes can also say model.path=tiny:PRESET.")
 def tiny_model(
@@ -257,6 +301,8 @@ def data_synthetic(
     min_ops: int = typer.Option(1, "--min-ops", min=1),
     max_ops: int = typer.Option(2, "--max-ops", min=1),
     ops: str = typer.Option("+-", "--ops", help="Operations among + - *"),
+    solution_format: str = typer.Option("text", "--format", help="Solutions as text sentences or as rStar-Math "
+                                        "code-augmented steps (code)."),
     json_out: bool = JsonOpt,
 ) -> None:
     from mathctl.core.io import write_jsonl
@@ -265,8 +311,10 @@ def data_synthetic(
     if min_ops > max_ops or not ops or set(ops) - set("+-*"):
         raise ConfigError("bad difficulty: need --min-ops <= --max-ops and --ops drawn from + - *",
                           hint="e.g. --min-ops 1 --max-ops 3 --ops '+-*'")
+    if solution_format not in ("text", "code"):
+        raise ConfigError(f"unknown --format {solution_format!r}", hint="use --format text or --format code")
     rows = generate(SyntheticSpec(num_problems=num_problems, seed=seed, max_digits=max_digits,
-                                  min_ops=min_ops, max_ops=max_ops, ops=ops))
+                                  min_ops=min_ops, max_ops=max_ops, ops=ops, format=solution_format))
     try:
         write_jsonl(out, rows)
     except OSError as exc:

@@ -48,6 +48,9 @@ class SyntheticData(Strict):
     min_ops: int = Field(1, ge=1, description="Fewest operations per problem.")
     max_ops: int = Field(2, ge=1, description="Most operations per problem.")
     ops: str = Field("+-", pattern=r"^[+\-*]+$", description="Operations to draw from: any of + - *.")
+    format: Literal["text", "code"] = Field(
+        "text", description="Solution format: text (one sentence per step) or code (rStar-Math's code-augmented "
+        "steps with <code>, <end_of_step>, <end_of_code>, <output>, <answer>; see mathctl/synthetic.py).")
 
 
 class SFTData(Strict):
@@ -126,7 +129,7 @@ def load_rows(data: SFTData) -> list[dict[str, Any]]:
 
         s = data.synthetic
         return generate(SyntheticSpec(num_problems=s.num_problems, seed=s.seed, max_digits=s.max_digits,
-                                      min_ops=s.min_ops, max_ops=s.max_ops, ops=s.ops))
+                                      min_ops=s.min_ops, max_ops=s.max_ops, ops=s.ops, format=s.format))
     path = Path(data.source).expanduser()
     if path.suffix == ".jsonl":
         from mathctl.core.io import read_jsonl

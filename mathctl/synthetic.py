@@ -6,6 +6,21 @@ Problem `i` of seed `s` is the same whatever the count asked for (each draws fro
 
 Difficulty knobs: `max_digits` (operand size), `min_ops`/`max_ops` (operations per problem) and
 `ops` (which of + - * appear). Intermediate results never go negative.
+
+Two solution formats (the problem and answer are the same in both):
+    text  one sentence per step, each ending with its result, then "The answer is \\boxed{N}."
+    code  rStar-Math's code-augmented steps: a Python block whose statements end in `<end_of_step>`,
+          the last one printing the result and ending in `<end_of_code>`, the interpreter's output as
+          `<output>N<end_of_output>`, then `<answer>The answer is \\boxed{N}<end_of_answer>`:
+
+              <code>
+              cookies = 7<end_of_step>
+              cookies = cookies + 5<end_of_step>
+              print(cookies)<end_of_code>
+              <output>12<end_of_output>
+              <answer>The answer is \\boxed{12}<end_of_answer>
+
+          The model only has to turn each sentence into a statement; the interpreter does the arithmetic.
 """
 
 from __future__ import annotations
@@ -38,6 +53,7 @@ class SyntheticSpec:
     min_ops: int = 1
     max_ops: int = 2
     ops: str = "+-"
+    format: str = "text"  # text | code (see the module docstring)
 
 
 def make_problem(index: int, spec: SyntheticSpec) -> dict:
@@ -49,6 +65,7 @@ def make_problem(index: int, spec: SyntheticSpec) -> dict:
     num_ops = rng.randint(spec.min_ops, spec.max_ops)
     problem = [f"{name} has {value} {item}."]
     solution = [f"{name} starts with {value} {item}."]
+    code = [f"<code>\n{item} = {value}<end_of_step>"]
     for _ in range(num_ops):
         choices = [op for op in spec.ops if op != "-" or value > 1]
         op = rng.choice(choices)
@@ -67,13 +84,22 @@ def make_problem(index: int, spec: SyntheticSpec) -> dict:
         fields = {"name": name, "item": item, "n": n}
         problem.append(ask.format(**fields))
         solution.append(f"{tell.format(**fields)}, {name} has {expr} = {result}")
+        code.append(f"\n{item} = {item} {op} {n}<end_of_step>")
         value = result
     problem.append(f"How many {item} does {name} have now?")
     solution.append(f"The answer is \\boxed{{{value}}}.")
+    if spec.format == "code":
+        code.append(f"\nprint({item})<end_of_code>\n<output>{value}<end_of_output>")
+        code.append(f"\n<answer>The answer is \\boxed{{{value}}}<end_of_answer>")
+        text = "".join(code)
+    elif spec.format == "text":
+        text = "\n".join(solution)
+    else:
+        raise ValueError(f"unknown solution format {spec.format!r}; use text or code")
     return {
         "id": f"synthetic-{spec.seed}-{index:07d}",
         "problem": " ".join(problem),
-        "solution": "\n".join(solution),
+        "solution": text,
         "answer": str(value),
         "difficulty": {"max_digits": spec.max_digits, "num_ops": num_ops},
     }

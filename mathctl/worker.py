@@ -12,7 +12,7 @@ from mathctl.core.errors import MathctlError
 
 STEPS = {"sft": ("mathctl.sft", "SFTConfig"), "eval": ("mathctl.evaluate", "EvalConfig"),
          "data": ("mathctl.data", "PrepareConfig"), "rm": ("mathctl.rm", "RMConfig"),
-         "grpo": ("mathctl.grpo", "GRPOConfig")}
+         "grpo": ("mathctl.grpo", "GRPOConfig"), "mcts": ("mathctl.mcts_sample", "MCTSConfig")}
 
 
 def step_module(step: str):
