@@ -355,10 +355,10 @@ class Searcher:
         if self.fmt.kind != "code":
             return
         jobs = []
-        for tree, child, c in fresh:
+        for _, child, c in fresh:
             if child.terminal:
                 continue
-            if not (c.stopped_by in (self.fmt.step_end, self.fmt.code_end)):
+            if c.stopped_by not in (self.fmt.step_end, self.fmt.code_end):
                 continue
             program = block_code(child.parent.path_text(), child.text, self.fmt)
             if program is not None:

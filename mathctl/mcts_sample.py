@@ -380,7 +380,7 @@ def run_substep(step: str, recipe: str, overrides: list[str], settings: dict[str
         code = launching.launch_local(cfg.launch, run.recipe_path, user_error=lambda: bool(run.read_meta().get("error")))
         if code != 0:
             raise DataError(f"the {step} run in {folder} failed (exit {code})",
-                            hint=f"see its output above; fix it and rerun with --resume")
+                            hint="see its output above; fix it and rerun with --resume")
         return json.loads(run.summary_path.read_text())
     with run.failing():
         return module.run(cfg, run)
