@@ -530,13 +530,28 @@ def trace_ok(path: list[Node]) -> bool:
     return bool(path) and path[-1].valid_answer and bool(path[-1].correct) and not any(n.error for n in path)
 
 
-def sft_traces(tree: Tree, top_n: int = 2) -> list[dict[str, Any]]:
-    """The top `top_n` correct root-to-leaf paths, by mean then min step Q, none with a code error."""
+_OUTPUT = re.compile(r"<output>(.*?)<end_of_output>", re.S)
+
+
+def answer_matches_output(path: list[Node]) -> bool:
+    """The answer agrees with the last code output on the path (True when nothing was executed): a
+    policy can box the right number while its program printed another one."""
+    from mathctl.grading import is_equivalent
+
+    outputs = [m.group(1).strip() for n in path for m in _OUTPUT.finditer(n.text)]
+    if not outputs or path[-1].answer is None:
+        return True
+    return outputs[-1] == path[-1].answer or is_equivalent(outputs[-1], path[-1].answer)
+
+
+def sft_traces(tree: Tree, top_n: int = 2, *, require_output_match: bool = False) -> list[dict[str, Any]]:
+    """The top `top_n` correct root-to-leaf paths, by mean then min step Q, none with a code error
+    (and, with `require_output_match`, none whose answer disagrees with its last code output)."""
     paths = []
     for node in tree.nodes():
         if not node.children and node.parent is not None:
             path = node.path()
-            if trace_ok(path):
+            if trace_ok(path) and (not require_output_match or answer_matches_output(path)):
                 qs = [n.q for n in path]
                 paths.append((sum(qs) / len(qs), min(qs), node.tag, path))
     paths.sort(key=lambda p: (-p[0], -p[1]))

@@ -115,6 +115,9 @@ class MCTSConfig(Strict):
     search: SearchConfig = Field(default_factory=SearchConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     sft_traces: int = Field(2, ge=1, description="Correct traces kept per problem for sft.jsonl (rStar: 2).")
+    sft_require_output_match: bool = Field(
+        False, description="Drop correct traces whose boxed answer differs from their last code output (the "
+        "right number for a wrong reason); rStar keeps them.")
     sandbox: SandboxSection = Field(default_factory=SandboxSection)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     grading_timeout_s: float = Field(1.0, gt=0, description="Time limit of one symbolic equivalence check.")
@@ -295,7 +298,7 @@ def run_round(cfg: MCTSConfig, folder: Path, *, policy: str, prm: str | None, la
                     searcher.run(trees)
                     records = [tree_record(t, cfg.search.mode) for t in trees]
                     for tree in trees:
-                        for row in sft_traces(tree, cfg.sft_traces):
+                        for row in sft_traces(tree, cfg.sft_traces, require_output_match=cfg.sft_require_output_match):
                             append_jsonl(folder / "sft.jsonl", row)
                         for row in ppm_pairs(tree, cfg.pairs):
                             append_jsonl(folder / "ppm_pairs.jsonl", row)

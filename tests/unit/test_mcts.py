@@ -347,3 +347,15 @@ def test_edit_distance():
     assert edit_distance("kitten", "sitting") == 3
     assert edit_distance("", "abc") == 3 and edit_distance("same", "same") == 0
     assert edit_distance("a" * 50, "b" * 50, cap=5) > 5
+
+
+def test_sft_traces_can_require_the_answer_to_match_the_code_output():
+    tree = Tree(id="t", question="q", gold="5", prompt="")
+    lucky = node("0.1", tree.root, visits=1, value_sum=1.0, text="<code>\nprint(4)<end_of_code>\n<output>4<end_of_output>")
+    node("0.1.1", lucky, visits=1, value_sum=1.0, terminal=True, reason="answer", answer="5", correct=True,
+         text="\n<answer>\\boxed{5}<end_of_answer>")
+    sound = node("0.2", tree.root, visits=1, value_sum=1.0, text="<code>\nprint(5.0)<end_of_code>\n<output>5.0<end_of_output>")
+    node("0.2.1", sound, visits=1, value_sum=1.0, terminal=True, reason="answer", answer="5", correct=True,
+         text="\n<answer>\\boxed{5}<end_of_answer>")
+    assert [t["leaf"] for t in sft_traces(tree)] == ["0.1.1", "0.2.1"]  # rStar keeps both
+    assert [t["leaf"] for t in sft_traces(tree, require_output_match=True)] == ["0.2.1"]
