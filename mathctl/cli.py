@@ -23,17 +23,28 @@ from mathctl.data import SOURCES as DATA_SOURCES
 
 app = typer.Typer(
     name="mathctl",
-    help="Math post-training lifecycle: data, sft, rm, grpo, mcts-sample, convert-ckpt, eval, grade.",
+    help="Math post-training lifecycle: data, sft, rm, grpo, mcts-sample, convert-ckpt, eval, grade, and the whole "
+    "of it with pipeline. Start with: mathctl pipeline --recipe quickstart. Every command takes --help; "
+    "shell completion: mathctl --install-completion.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_show_locals=False,
     rich_markup_mode=None,
 )
 data_app = typer.Typer(help="Prepare training data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
+def _complete_recipe(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Shell completion of --recipe: the shipped recipes of the command being typed."""
+    from mathctl.core.config import available_recipes
+
+    step = {"mcts-sample": "mcts", "prepare": "data"}.get(ctx.info_name or "", ctx.info_name or "")
+    return [name for name in available_recipes(step) if name.startswith(incomplete)]
+
+
 # Shared options (one definition, one help text).
-RecipeOpt = typer.Option(None, "--recipe", "-r", help="Shipped recipe name or path to a YAML file.")
+RecipeOpt = typer.Option(None, "--recipe", "-r", help="Shipped recipe name or path to a YAML file.",
+                         autocompletion=_complete_recipe)
 OverridesArg = typer.Argument(None, help="Dotted overrides: train.lr=1e-5 launch.num_processes=2", show_default=False)
 ModelOpt = typer.Option(None, "--model", "-m", help="Model hub id or folder; sets model.path.")
 RunDirOpt = typer.Option(None, "--run-dir", help="Run folder (default: output.root/STEP/NAME-TIMESTAMP).")
@@ -53,7 +64,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
-    """Math post-training lifecycle: data, sft, rm, grpo, mcts-sample, convert-ckpt, eval."""
+    """Math post-training lifecycle: data, sft, rm, grpo, mcts-sample, convert-ckpt, eval, pipeline, report."""
 
 
 def _emit(summary: dict[str, Any], as_json: bool) -> None:
@@ -114,6 +125,10 @@ def run_step(step: str, *, recipe: str | None, overrides: list[str] | None, alia
         else:
             sys.stdout.write(resolved)
         return
+    launch = getattr(cfg, "launch", None)
+    if slurm and launch is None:
+        raise ConfigError(f"mathctl {command or step} runs here, stage by stage; it has no --slurm",
+                          hint="run it on a node with the resources its stages need, or pass --slurm to each step")
     if slurm and cfg.launch.num_processes == 1 and cfg.launch.num_machines == 1:
         log("note: --slurm with one process; the script starts a single worker")
     if run_dir is None:
@@ -148,7 +163,7 @@ def run_step(step: str, *, recipe: str | None, overrides: list[str] | None, alia
         log(f"sbatch script: {script}")
         _emit(summary, as_json)
         return
-    if launching.needs_launcher(cfg.launch):
+    if launch is not None and launching.needs_launcher(launch):
         code = launching.launch_local(cfg.launch, run.recipe_path,
                                       user_error=lambda: bool(run.read_meta().get("error")))
         meta = run.read_meta()
@@ -174,6 +189,8 @@ def _recipes_help(step: str) -> str:
 
 
 @app.command(help="Supervised fine-tuning (full or LoRA), one process to many nodes. "
+             "Examples: mathctl sft --recipe quickstart-sft (tiny model, CPU, ~100 s); "
+             "mathctl sft --recipe openmath2 launch.num_processes=8; mathctl sft --resume --run-dir runs/sft/NAME. "
              "Shipped recipes: " + _recipes_help("sft"))
 def sft(
     overrides: list[str] = OverridesArg,
@@ -191,7 +208,9 @@ def sft(
 
 
 @app.command(help="Reward models: outcome (Bradley-Terry on responses) or process (rStar-Math PPM on steps), "
-             "one process to many nodes. Shipped recipes: " + _recipes_help("rm"))
+             "one process to many nodes. Examples: mathctl rm --recipe quickstart-ppm --model runs/sft/NAME/final; "
+             "mathctl rm --recipe rstar-ppm data.source=runs/mcts/NAME/ppm_pairs.jsonl. "
+             "Shipped recipes: " + _recipes_help("rm"))
 def rm(
     overrides: list[str] = OverridesArg,
     recipe: str = RecipeOpt,
@@ -209,7 +228,8 @@ def rm(
 
 @app.command("grpo", help="GRPO with verifiable math rewards: rollouts on the engine (transformers; vLLM on GPU), "
              "group-normalised advantages, clipped surrogate, optional KL to the reference; one process to many "
-             "nodes. Shipped recipes: " + _recipes_help("grpo"))
+             "nodes. Examples: mathctl grpo --recipe quickstart-grpo --model runs/sft/NAME/final; "
+             "mathctl grpo --recipe gsm8k-grpo-lora. Shipped recipes: " + _recipes_help("grpo"))
 def grpo(
     overrides: list[str] = OverridesArg,
     recipe: str = RecipeOpt,
@@ -267,8 +287,49 @@ def mcts_sample(
         command="mcts-sample")
 
 
+@app.command("pipeline", help="Run several lifecycle steps in order, each in its own folder, and print a table of "
+             "each stage's effect (accuracy, reward, solve rate) and where its artifacts are. A re-run skips finished "
+             "stages. Example: mathctl pipeline --recipe quickstart (the whole lifecycle on a tiny model, CPU, minutes). "
+             "Shipped recipes: " + _recipes_help("pipeline"))
+def pipeline(
+    overrides: list[str] = OverridesArg,
+    recipe: str = RecipeOpt,
+    run_dir: Path = RunDirOpt,
+    resume: bool = ResumeOpt,
+    dry_run: bool = DryRunOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    if run_dir is None and recipe is not None:
+        run_dir = Path("runs") / "pipeline" / Path(recipe).stem  # no timestamp: running it again continues it
+    if run_dir is not None and (run_dir / "recipe.yaml").is_file() and not resume:
+        resume = True  # a re-run into the same folder continues it: finished stages are skipped
+    run_step("pipeline", recipe=recipe, overrides=overrides, aliases={}, run_dir=run_dir, resume=resume,
+             dry_run=dry_run, as_json=json_out, slurm=False, submit=False)
+
+
+@app.command("report", help="Write plots (loss, learning rate, grad norm, reward per function, KL, completion "
+             "length, eval accuracy per task, per-round solve rate: whatever the run logged) and report.md with the "
+             "run's config and summary into each run folder. A pipeline folder reports every stage. "
+             "Example: mathctl report runs/grpo/NAME runs/eval/NAME")
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="Run folders (of any step, or a pipeline)."),
+    json_out: bool = JsonOpt,
+) -> None:
+    from mathctl.core.console import log
+    from mathctl.report import write_report
+
+    _quiet_libraries()
+    written = []
+    for folder in run_dirs:
+        for path in write_report(folder):
+            log(f"report: {path}")
+            written.append(str(path))
+    _emit({"status": "completed", "reports": written}, json_out)
+
+
 @app.command("tiny-model", help="Write a random-initialised tiny model and a locally trained tokenizer as a "
-             "Hugging Face folder (for the quickstart and tests). Recipes can also say model.path=tiny:PRESET.")
+             "Hugging Face folder (for the quickstart and tests). Recipes can also say model.path=tiny:PRESET. "
+             "Example: mathctl tiny-model runs/tiny --preset qwen2-small")
 def tiny_model(
     out: Path = typer.Argument(..., help="Output folder (must not exist or be empty)."),
     preset: str = typer.Option("qwen2-tiny", "--preset", help="qwen2-tiny, llama-tiny, qwen2-small, llama-small, qwen2.5-0.5b"),
@@ -292,7 +353,8 @@ def tiny_model(
     _emit({"status": "completed", "path": str(path), "preset": preset, "seed": seed}, json_out)
 
 
-@data_app.command("synthetic", help="Write deterministic arithmetic word problems (problem, solution, answer) as JSONL.")
+@data_app.command("synthetic", help="Write deterministic arithmetic word problems (problem, solution, answer) as JSONL. "
+                  "Example: mathctl data synthetic runs/heldout.jsonl -n 200 --seed 1 --max-digits 1 --format code")
 def data_synthetic(
     out: Path = typer.Argument(..., help="Output .jsonl file."),
     num_problems: int = typer.Option(1000, "--num-problems", "-n", min=1),
@@ -324,7 +386,8 @@ def data_synthetic(
 
 @data_app.command("decontaminate", help="Drop training rows whose problem matches an eval test problem (exact, "
                   "normalized, or shared word n-grams); writes a filtered copy in the input's format (save_to_disk "
-                  "folder, .jsonl or .parquet) and a decontamination.json report.")
+                  "folder, .jsonl or .parquet) and a decontamination.json report. "
+                  "Example: mathctl data decontaminate runs/data/openmath2 --against math500,gsm8k")
 def data_decontaminate(
     input_path: Path = typer.Argument(..., help="save_to_disk folder, .jsonl or .parquet file."),
     against: str = typer.Option(..., "--against", help="Comma-separated eval tasks, or `all`: "
@@ -359,8 +422,9 @@ def data_decontaminate(
 
 
 @data_app.command("prepare", help="Prepare SFT (tokenized, loss-masked, optionally packed) or RL (prompt + "
-                  "gold answer) data from a source as a datasets folder with stats.json. Sources: "
-                  + ", ".join(DATA_SOURCES))
+                  "gold answer) data from a source as a datasets folder with stats.json. Examples: mathctl data prepare "
+                  "openmath2 --split train_1M --tokenizer Qwen/Qwen2.5-Math-1.5B --out runs/data/openmath2; mathctl data "
+                  "prepare gsm8k --kind rl --out runs/data/gsm8k-rl. Sources: " + ", ".join(DATA_SOURCES))
 def data_prepare(
     source: str = typer.Argument(None, help="Source name (sets `source`).", show_default=False),
     overrides: list[str] = OverridesArg,
@@ -454,7 +518,8 @@ def convert_ckpt(
     _emit(summary, json_out)
 
 
-@app.command(help="Grade model responses in a JSONL file against gold answers; prints the accuracy.")
+@app.command(help="Grade model responses in a JSONL file against gold answers; prints the accuracy. "
+             "Example: mathctl grade runs/outputs.jsonl --response-field completion --answer-field gold --out graded.jsonl")
 def grade(
     file: Path = typer.Argument(..., help="JSONL file, one object per line with a response and a gold answer."),
     response_field: str = typer.Option("response", "--response-field", help="Field holding the model's response."),

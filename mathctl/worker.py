@@ -12,7 +12,8 @@ from mathctl.core.errors import MathctlError
 
 STEPS = {"sft": ("mathctl.sft", "SFTConfig"), "eval": ("mathctl.evaluate", "EvalConfig"),
          "data": ("mathctl.data", "PrepareConfig"), "rm": ("mathctl.rm", "RMConfig"),
-         "grpo": ("mathctl.grpo", "GRPOConfig"), "mcts": ("mathctl.mcts_sample", "MCTSConfig")}
+         "grpo": ("mathctl.grpo", "GRPOConfig"), "mcts": ("mathctl.mcts_sample", "MCTSConfig"),
+         "pipeline": ("mathctl.pipeline", "PipelineConfig")}
 
 
 def step_module(step: str):

@@ -86,11 +86,20 @@ def lively_model(tiny_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def sft_policy(tmp_path_factory) -> Path:
-    """The quickstart SFT policy (`mathctl sft --recipe quickstart-sft`, about a minute on 2 cores):
-    the starting point of the lifecycle tests (eval, PPM, GRPO), as in the README's pipeline."""
-    run = tmp_path_factory.mktemp("policy") / "sft"
-    proc = run_cli("sft", "--recipe", "quickstart-sft", "--run-dir", str(run), "output.save_every_steps=null",
-                   "output.plots=false")
-    assert proc.returncode == 0, proc.stderr
-    return run / "final"
+def quickstart_pipeline(tmp_path_factory) -> tuple[Path, dict]:
+    """`mathctl pipeline --recipe quickstart` (the README's first command; about six minutes on 2 cores):
+    tiny model, synthetic data, sft, eval, grpo, eval, MCTS rounds, eval. Its stages are the starting
+    points of other slow tests (the SFT policy, the GRPO run), so the suite pays for them once."""
+    import json
+
+    run = tmp_path_factory.mktemp("pipeline") / "quickstart"
+    proc = run_cli("pipeline", "--recipe", "quickstart", "--run-dir", str(run), "--json", timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return run, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def sft_policy(quickstart_pipeline) -> Path:
+    """The quickstart SFT policy (`mathctl sft --recipe quickstart-sft` on the pipeline's synthetic data
+    and tiny model, the same as the recipe's own): the starting point of the lifecycle tests."""
+    return quickstart_pipeline[0] / "5-sft" / "final"

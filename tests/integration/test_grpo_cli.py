@@ -30,20 +30,17 @@ def _quick(model: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_quickstart_grpo_raises_the_reward(cli, sft_policy, tmp_path):
-    """The issue's bar, on the shipped recipe from the quickstart SFT policy: the mean reward of the
-    last 10 steps beats the first 10 by >= 0.10. Why that margin: the recipe's 80 prompts are revisited
-    every 10 steps, so both windows are the same 80 problems sampled 8 times (640 completions) and the
-    difference carries no problem-difficulty noise, only sampling noise: about
-    sqrt(2 * 0.2 / 640) = 0.025 for independent samples, so 0.10 is 4 standard errors. The run is
-    seeded (same samples every time on a given torch build); it measured 0.652 -> 0.809 (+0.157) with
-    the pass means rising nearly monotonically; a run that does not learn has an expected difference
-    of 0."""
-    run = tmp_path / "grpo"
-    result = cli("grpo", "--recipe", "quickstart-grpo", "--model", str(sft_policy), "--run-dir", str(run),
-                 "output.save_every_steps=null", "--json")
-    assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout)
+def test_quickstart_grpo_raises_the_reward(quickstart_pipeline):
+    """The issue's bar, on the shipped recipe from the quickstart SFT policy (the quickstart pipeline's
+    grpo stage: `mathctl grpo --recipe quickstart-grpo --model SFT`): the mean reward of the last 10
+    steps beats the first 10 by >= 0.10. Why that margin: the recipe's 80 prompts are revisited every 10
+    steps, so both windows are the same 80 problems sampled 8 times (640 completions) and the
+    difference carries no problem-difficulty noise, only sampling noise: about sqrt(2 * 0.2 / 640) =
+    0.025 for independent samples, so 0.10 is 4 standard errors. The run is seeded (same samples every
+    time on a given torch build); it measured 0.652 -> 0.809 (+0.157) with the pass means rising nearly
+    monotonically; a run that does not learn has an expected difference of 0."""
+    run = quickstart_pipeline[0] / "7-grpo"
+    summary = json.loads((run / "summary.json").read_text())
     rewards = [m["reward"] for m in _metrics(run)]
     print("mean reward per 10-step pass:", [round(sum(rewards[i:i + 10]) / 10, 3) for i in range(0, len(rewards), 10)])
     assert len(rewards) == 100

@@ -1,0 +1,246 @@
+"""`mathctl pipeline --recipe NAME`: several lifecycle steps in order, each in its own folder.
+
+A pipeline recipe is a list of stages. A stage names a `step` and, for the training and evaluation
+steps, the step's recipe and overrides, exactly as on the command line:
+
+    stages:
+      - {name: model, step: tiny-model, args: {preset: qwen2-small}}
+      - {name: heldout, step: synthetic, args: {num_problems: 200, seed: 1, max_digits: 1}}
+      - {name: sft, step: sft, recipe: quickstart-sft, overrides: ["model.path={stages.model.path}"]}
+      - {name: eval-sft, step: eval, recipe: quickstart-eval,
+         overrides: ["model.path={stages.sft.final}", "eval.tasks=[{stages.heldout.path}]"]}
+
+`{stages.NAME.KEY}` is replaced by an output of an earlier stage: `path` (tiny-model, synthetic),
+`run_dir` and `final` (sft, rm, grpo: the final model; mcts: the last round's policy), `prm` (mcts with
+rounds: the last PPM). Steps: `tiny-model`, `synthetic` (args as `mathctl data synthetic`),
+`sft`, `rm`, `grpo`, `eval`, `mcts` (`mathctl mcts-sample`).
+
+Stage K runs in RUN_DIR/K-NAME; a stage whose folder holds a completed summary is skipped, so a
+re-run (or `--resume`) continues where the last one stopped. At the end a table shows each stage's
+headline figure (accuracy, reward first -> last, solve rate per round) and its folder; the same goes
+to pipeline.json.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from mathctl.core.config import OutputConfig, Strict
+from mathctl.core.console import log, print_table
+from mathctl.core.errors import ConfigError
+from mathctl.core.io import atomic_write_json
+from mathctl.core.rundir import RunDir
+
+STEP_NAMES = ("tiny-model", "synthetic", "sft", "rm", "grpo", "eval", "mcts")
+_REF = re.compile(r"\{stages\.([A-Za-z0-9_-]+)\.([A-Za-z_]+)\}")
+
+
+class Stage(Strict):
+    name: str = Field(description="Stage name (letters, digits, - and _); its folder is RUN_DIR/K-NAME.",
+                      pattern=r"^[A-Za-z0-9_-]+$")
+    step: Literal["tiny-model", "synthetic", "sft", "rm", "grpo", "eval", "mcts"] = Field(
+        description="What the stage runs.")
+    recipe: str | None = Field(None, description="The step's recipe (sft, rm, grpo, eval, mcts).")
+    overrides: list[str] = Field(default_factory=list, description="The step's overrides; may use {stages.NAME.KEY}.")
+    args: dict[str, Any] = Field(default_factory=dict, description="tiny-model: preset, seed; synthetic: num_problems, "
+                                 "seed, max_digits, min_ops, max_ops, ops, format.")
+    label: str | None = Field(None, description="Text for the summary table (default: the stage name).")
+
+
+class PipelineConfig(Strict):
+    """`mathctl pipeline` recipe."""
+
+    step: Literal["pipeline"] = "pipeline"
+    stages: list[Stage] = Field(description="Stages, run in order.")
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> PipelineConfig:
+        seen: set[str] = set()
+        for stage in self.stages:
+            if stage.name in seen:
+                raise ValueError(f"stage name {stage.name!r} is used twice; give each stage its own name")
+            if stage.step in ("sft", "rm", "grpo", "eval", "mcts") and not stage.recipe:
+                raise ValueError(f"stage {stage.name!r} ({stage.step}) needs a recipe")
+            for text in stage.overrides + [str(v) for v in stage.args.values()]:
+                for ref, _ in _REF.findall(text):
+                    if ref not in seen:
+                        raise ValueError(f"stage {stage.name!r} refers to {{stages.{ref}...}}, which is not an earlier stage")
+            seen.add(stage.name)
+        if not self.stages:
+            raise ValueError("a pipeline needs at least one stage")
+        return self
+
+    def seeds(self) -> dict[str, int]:
+        return {}
+
+
+def substitute(text: str, outputs: dict[str, dict[str, Any]], stage: str) -> str:
+    def replace(match: re.Match) -> str:
+        name, key = match.group(1), match.group(2)
+        value = outputs.get(name, {}).get(key)
+        if value is None:
+            raise ConfigError(f"stage {stage}: {{stages.{name}.{key}}} is not an output of stage {name}",
+                              hint=f"outputs of {name}: {', '.join(sorted(outputs.get(name, {}))) or 'none'}")
+        return str(value)
+
+    return _REF.sub(replace, text)
+
+
+# --- stages ---------------------------------------------------------------------------------------
+
+
+def _done(folder: Path) -> dict[str, Any] | None:
+    path = folder / "summary.json"
+    if path.is_file():
+        summary = json.loads(path.read_text())
+        if summary.get("status") == "completed":
+            return summary
+    return None
+
+
+def run_stage(stage: Stage, folder: Path, overrides: list[str], args: dict[str, Any]) -> dict[str, Any]:
+    """Run one stage into `folder` (or reuse its completed summary); returns its summary."""
+    done = _done(folder)
+    if done is not None:
+        log(f"stage {stage.name}: complete, skipped ({folder})")
+        return done
+    folder.mkdir(parents=True, exist_ok=True)
+    if stage.step == "tiny-model":
+        from mathctl.models import build_tiny_model
+
+        target = folder / "model"
+        if target.exists():
+            import shutil
+
+            shutil.rmtree(target)  # an interrupted build
+        path = build_tiny_model(target, args.get("preset", "qwen2-tiny"), int(args.get("seed", 0)))
+        summary = {"status": "completed", "path": str(path), "preset": args.get("preset", "qwen2-tiny")}
+    elif stage.step == "synthetic":
+        from mathctl.core.io import write_jsonl
+        from mathctl.synthetic import SyntheticSpec, generate
+
+        known = set(SyntheticSpec.__dataclass_fields__)
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ConfigError(f"stage {stage.name}: unknown synthetic args {', '.join(unknown)}",
+                              hint=f"use {', '.join(sorted(known))}")
+        rows = generate(SyntheticSpec(**args))
+        path = folder / "problems.jsonl"
+        write_jsonl(path, rows)
+        summary = {"status": "completed", "path": str(path), "rows": len(rows)}
+    elif stage.step == "eval":
+        summary = _run_eval(stage.recipe, overrides, folder)
+    else:
+        from mathctl.mcts_sample import run_substep
+
+        summary = run_substep(stage.step, stage.recipe, overrides, {}, folder)
+    atomic_write_json(folder / "summary.json", summary)
+    return summary
+
+
+def _run_eval(recipe: str, overrides: list[str], folder: Path) -> dict[str, Any]:
+    from mathctl import evaluate
+    from mathctl.core.config import dump_yaml, load_recipe
+
+    cfg, _ = load_recipe("eval", evaluate.EvalConfig, recipe, overrides, {})
+    problems = evaluate.load_tasks(cfg)
+    resume = (folder / "recipe.yaml").is_file()
+    run = RunDir.create(folder, recipe_yaml=dump_yaml(cfg), step="eval", resume=resume, seeds=cfg.seeds())
+    with run.failing():
+        summary = evaluate.run(cfg, run, problems=problems)
+    print_table(evaluate.render_table(summary))
+    return summary
+
+
+def outputs_of(stage: Stage, summary: dict[str, Any], folder: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {"run_dir": str(folder)}
+    if stage.step in ("tiny-model", "synthetic"):
+        out["path"] = summary["path"]
+    if stage.step in ("sft", "rm", "grpo"):
+        out["final"] = summary.get("final_dir") or str(folder / "final")
+    if stage.step == "mcts":
+        out["final"] = summary.get("policy")
+        out["prm"] = summary.get("prm")
+        out["trees"] = str(folder / "round_1" / "trees.jsonl") if "rounds" in summary else str(folder / "trees.jsonl")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def headline(stage: Stage, summary: dict[str, Any], folder: Path) -> str:
+    """The stage's effect in a few words."""
+    if stage.step == "eval":
+        parts = []
+        for task, entry in summary.get("tasks", {}).items():
+            name = Path(task).stem if task.endswith(".jsonl") else task
+            label = "accuracy" if entry.get("n", 1) == 1 else f"mean accuracy of {entry['n']} samples"
+            text = f"{name}: {label} {entry['score']:.3f}"
+            for metric in ("maj@k", "bon@k"):
+                values = entry.get(metric) or {}
+                if values and entry.get("n", 1) > 1:
+                    k = max(values, key=int)
+                    text += f", {metric.replace('k', k)} {values[k]:.3f}"
+            parts.append(text)
+        return "; ".join(parts)
+    if stage.step == "grpo":
+        records = RunDir(folder).read_metrics()
+        rewards = [r["reward"] for r in records if "reward" in r]
+        if rewards:
+            k = max(1, len(rewards) // 10)
+            first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
+            return f"reward {first:.3f} -> {last:.3f} (mean of first/last {k} steps)"
+    if stage.step == "mcts":
+        rounds = summary.get("rounds") or [{"round": 1, **summary}]
+        return "; ".join(f"round {r['round']}: solve rate {r['solve_rate']:.3f}" for r in rounds)
+    if stage.step == "rm":
+        acc = summary.get("eval_accuracy")
+        if acc is None:
+            acc = next((r["eval_accuracy"] for r in reversed(RunDir(folder).read_metrics()) if "eval_accuracy" in r), None)
+        return f"held-out pair accuracy {acc:.3f}" if isinstance(acc, float) else "trained"
+    if stage.step == "sft":
+        loss = summary.get("eval_loss") or summary.get("train_loss")
+        return f"loss {loss:.4f}" if isinstance(loss, float) else "trained"
+    if stage.step == "synthetic":
+        return f"{summary.get('rows')} problems"
+    return summary.get("preset", "")
+
+
+def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
+    started = time.perf_counter()
+    outputs: dict[str, dict[str, Any]] = {}
+    rows = []
+    for k, stage in enumerate(cfg.stages, start=1):
+        folder = run_dir.path / f"{k}-{stage.name}"
+        overrides = [substitute(o, outputs, stage.name) for o in stage.overrides]
+        args = {key: substitute(v, outputs, stage.name) if isinstance(v, str) else v for key, v in stage.args.items()}
+        began = time.perf_counter()
+        skipped = _done(folder) is not None
+        log(f"stage {k}/{len(cfg.stages)}: {stage.name} ({stage.step})")
+        summary = run_stage(stage, folder, overrides, args)
+        outputs[stage.name] = outputs_of(stage, summary, folder)
+        rows.append({"stage": stage.label or stage.name, "step": stage.step, "result": headline(stage, summary, folder),
+                     "seconds": None if skipped else round(time.perf_counter() - began, 1), "folder": str(folder),
+                     "outputs": outputs[stage.name]})
+        atomic_write_json(run_dir.path / "pipeline.json", {"stages": rows})
+    print_table(stages_table(rows))
+    summary = {"status": "completed", "run_dir": str(run_dir.path), "stages": rows,
+               "seconds": round(time.perf_counter() - started, 1)}
+    run_dir.finish("completed", summary)
+    return summary
+
+
+def stages_table(rows: list[dict[str, Any]]):
+    from rich.table import Table
+
+    table = Table(title="pipeline")
+    for column in ("stage", "step", "result", "seconds", "folder"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row["stage"], row["step"], row["result"], "skipped" if row["seconds"] is None else f"{row['seconds']}",
+                      row["folder"])
+    return table
