@@ -353,19 +353,61 @@ def _child(code: str, limits: SandboxLimits, scratch: str, write_end: int, libc:
     os._exit(0)
 
 
+def _cap_permitted(bit: int) -> bool:
+    """Whether this process may hold capability `bit` (its permitted set, /proc/self/status)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("CapPrm:"):
+                    return bool(int(line.split()[1], 16) >> bit & 1)
+    except OSError:
+        pass
+    return False
+
+
+def _python_dirs() -> list[str]:
+    import sysconfig
+
+    paths = {sys.prefix, sys.base_prefix, sysconfig.get_paths()["stdlib"]}
+    return sorted(paths | {p for p in sys.path if p.endswith(("site-packages", "dist-packages"))})
+
+
+def _world_readable(paths: Sequence[str]) -> bool:
+    """Every path and each folder above it can be read and entered by any user."""
+    for path in paths:
+        current = os.path.realpath(path)
+        while True:
+            try:
+                mode = os.stat(current).st_mode
+            except OSError:
+                return False
+            if mode & 0o005 != 0o005:
+                return False
+            parent = os.path.dirname(current)
+            if parent == current:
+                break
+            current = parent
+    return True
+
+
 def _isolate(limits: SandboxLimits, scratch: str, libc: ctypes.CDLL) -> None:
     os.chdir(scratch)
     root = os.geteuid() == 0
     if not limits.network and not (root and libc.unshare(_CLONE_NEWNET) == 0):
         if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0:
             root = False  # in a new user namespace the uid cannot change (and has no rights outside it)
-    if root and _setgroups_ok():  # uid/gid nobody keeping CAP_DAC_READ_SEARCH: imports read root-only trees
+    keep = root and _cap_permitted(_CAP_DAC_READ_SEARCH)
+    if root and _setgroups_ok() and (keep or _world_readable(_python_dirs())):
+        # uid/gid nobody; keeping CAP_DAC_READ_SEARCH where we have it, so imports read root-only trees
+        # (a Python under /root); without it (Docker's default capabilities) only when Python is readable
+        # by everyone, else the child stays root behind the namespace, rlimits and audit hook
         os.chown(scratch, _NOBODY, _NOBODY)
-        libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0)
+        if keep:
+            libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0)
         os.setgid(_NOBODY)
         os.setuid(_NOBODY)
         caps = 1 << _CAP_DAC_READ_SEARCH
-        if libc.capset((ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0), (ctypes.c_uint32 * 6)(caps, caps, 0, 0, 0, 0)):
+        if keep and libc.capset((ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0), (ctypes.c_uint32 * 6)(caps, caps, 0, 0, 0, 0)):
             raise OSError(ctypes.get_errno(), "capset failed")
     libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

@@ -285,3 +285,25 @@ def test_privileges_dropped_when_root(box):
         pytest.skip("runs as a normal user: no uid change")
     result = box.run("import os\nprint(os.getuid(), os.getgid())")
     assert result.output in ("65534 65534\n",), result.output
+
+
+def test_privilege_drop_decision_helpers(tmp_path):
+    """Without CAP_DAC_READ_SEARCH (Docker's default capabilities) a root child drops to nobody only when
+    Python is readable by everyone; these are the checks that decide it."""
+    from mathctl.sandbox import _cap_permitted, _world_readable
+
+    assert isinstance(_cap_permitted(2), bool)
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o755)
+    closed = tmp_path / "closed"
+    (closed / "inner").mkdir(parents=True)
+    closed.chmod(0o700)
+    tmp_path.chmod(0o755)
+    try:
+        readable_parents = _world_readable([str(tmp_path.parent)])
+        assert _world_readable([str(open_dir)]) == readable_parents
+        assert not _world_readable([str(closed / "inner")])
+        assert not _world_readable([str(tmp_path / "missing")])
+    finally:
+        closed.chmod(0o755)
