@@ -647,6 +647,16 @@ def eval_cmd(
 
 
 # --- entry point ----------------------------------------------------------------------------
+try:  # typer >= 0.29 raises the exceptions of its bundled copy of click, not the installed click's
+    from typer._click import exceptions as _bundled
+except ImportError:  # pragma: no cover - older typer uses click itself
+    _bundled = click.exceptions
+_EXITS = tuple({click.exceptions.Exit, typer.Exit, getattr(_bundled, "Exit", typer.Exit)})
+_CLICK_ERRORS = tuple({click.ClickException, _bundled.ClickException})
+_ABORTS = tuple({click.exceptions.Abort, getattr(typer, "Abort", click.exceptions.Abort),
+                 getattr(_bundled, "Abort", click.exceptions.Abort)})
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (the console script exits with it)."""
     from mathctl.core.console import console
@@ -664,14 +674,12 @@ def main(argv: list[str] | None = None) -> int:
         if exc.hint:
             console.print(Text(f"hint: {exc.hint}"))
         return exc.exit_code
-    except click.exceptions.Exit as exc:
+    except _EXITS as exc:
         return exc.exit_code
-    except typer.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:  # usage errors: unknown option, missing argument
+    except _CLICK_ERRORS as exc:  # usage errors: unknown option, missing argument
         exc.show(file=sys.stderr)
         return EXIT_USER
-    except click.exceptions.Abort:
+    except _ABORTS:
         console.print("aborted")
         return 130
     except KeyboardInterrupt:

@@ -424,7 +424,8 @@ def run_rounds(cfg: MCTSConfig, run_dir: RunDir) -> dict[str, Any]:
                   "model.chat_template": cfg.model.chat_template if cfg.model.chat_template != "tokenizer" else None}
         start = policy if r.sft_init == "previous" else r.base_model
         sft_summary = run_substep("sft", r.sft_recipe, r.sft_overrides, {
-            "model.path": start, "data.source": str(folder / "sft.jsonl"), **shared}, folder / "sft")
+            "model.path": start, "data.source": str(folder / "sft.jsonl"), "data.prompt_field": "problem",
+            "data.response_field": "response", **shared}, folder / "sft")
         policy = sft_summary.get("final_dir") or str(folder / "sft" / "final")
         if summary["ppm_pairs"] == 0:
             log(f"round {k}: no PPM pairs; the next round keeps {'PPM ' + prm if prm else 'no PPM'}")

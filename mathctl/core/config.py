@@ -249,7 +249,7 @@ def validate(config_cls: type[BaseModel], data: dict[str, Any], *, source: str,
             else:
                 msg = err["msg"].removeprefix("Value error, ")
                 got = err.get("input")
-                got_text = "" if isinstance(got, dict) or not loc else f" (got {got!r})"
+                got_text = "" if isinstance(got, dict) or not loc or "(got " in msg else f" (got {got!r})"
                 where = f"{loc}: " if loc else ""
                 problems.append(f"{where}{msg}{got_text} in {origin}")
         if len(problems) == 1:

@@ -41,3 +41,10 @@ def test_recipe_completion_lists_the_commands_shipped_recipes():
     out = mathctl(env=env)
     assert out.returncode == 0
     assert out.stdout.split() == ["quickstart-mcts", "quickstart-mcts-text"]
+
+
+@pytest.mark.parametrize("args", [["sft", "--foo"], ["mcts-sample", "--rounds", "0"], ["eval", "math500", "--n", "x"]])
+def test_usage_errors_exit_2_without_a_traceback(args):
+    out = mathctl(*args)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and "Error:" in out.stderr
