@@ -462,7 +462,10 @@ def plot_rounds(rows: list[dict[str, Any]], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     xs = [row["round"] for row in rows]
     ax.plot(xs, [row["solve_rate"] for row in rows], marker="o", label="solve rate (a correct answer in the tree)")
-    ax.plot(xs, [row["accuracy"] for row in rows], marker="s", label="accuracy (the chosen answer)")
+    ax.plot(xs, [row["accuracy"] for row in rows], marker="s", linestyle="--", label="accuracy (the chosen answer)")
+    for x, row in zip(xs, rows):
+        ax.annotate(f"{row['solve_rate']:.2f}", (x, row["solve_rate"]), textcoords="offset points", xytext=(0, 8),
+                    ha="center", fontsize=8)
     ax.set_xticks(xs)
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("round")

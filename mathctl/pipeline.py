@@ -214,6 +214,9 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
     started = time.perf_counter()
     outputs: dict[str, dict[str, Any]] = {}
     rows = []
+    previous_path = run_dir.path / "pipeline.json"
+    previous = {row["folder"]: row for row in json.loads(previous_path.read_text()).get("stages", [])} \
+        if previous_path.is_file() else {}
     for k, stage in enumerate(cfg.stages, start=1):
         folder = run_dir.path / f"{k}-{stage.name}"
         overrides = [substitute(o, outputs, stage.name) for o in stage.overrides]
@@ -223,13 +226,14 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
         log(f"stage {k}/{len(cfg.stages)}: {stage.name} ({stage.step})")
         summary = run_stage(stage, folder, overrides, args)
         outputs[stage.name] = outputs_of(stage, summary, folder)
+        seconds = previous.get(str(folder), {}).get("seconds") if skipped else round(time.perf_counter() - began, 1)
         rows.append({"stage": stage.label or stage.name, "step": stage.step, "result": headline(stage, summary, folder),
-                     "seconds": None if skipped else round(time.perf_counter() - began, 1), "folder": str(folder),
-                     "outputs": outputs[stage.name]})
+                     "seconds": seconds, "skipped": skipped, "folder": str(folder), "outputs": outputs[stage.name]})
         atomic_write_json(run_dir.path / "pipeline.json", {"stages": rows})
     print_table(stages_table(rows))
     summary = {"status": "completed", "run_dir": str(run_dir.path), "stages": rows,
-               "seconds": round(time.perf_counter() - started, 1)}
+               "seconds": round(time.perf_counter() - started, 1),
+               "stage_seconds": round(sum(row["seconds"] or 0 for row in rows), 1)}
     run_dir.finish("completed", summary)
     return summary
 
@@ -241,6 +245,7 @@ def stages_table(rows: list[dict[str, Any]]):
     for column in ("stage", "step", "result", "seconds", "folder"):
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(row["stage"], row["step"], row["result"], "skipped" if row["seconds"] is None else f"{row['seconds']}",
+        seconds = "-" if row["seconds"] is None else f"{row['seconds']}"
+        table.add_row(row["stage"], row["step"], row["result"], seconds + (" (done earlier)" if row.get("skipped") else ""),
                       row["folder"])
     return table

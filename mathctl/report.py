@@ -24,7 +24,8 @@ CURVES = [
     ("loss", "Training loss", "loss", [("loss", "train loss"), ("eval_loss", "eval loss")]),
     ("lr", "Learning rate", "learning rate", [("lr", "lr")]),
     ("grad_norm", "Gradient norm (before clipping)", "grad norm", [("grad_norm", "grad norm")]),
-    ("reward", "Reward per step", "mean reward", [("reward", "total"), ("reward/*", "")]),
+    ("reward", "Reward per step", "mean reward", [("reward", "total"), ("reward_mean10", "total, mean of 10 steps"),
+                                                  ("reward/*", "")]),
     ("kl", "KL to the reference", "KL (k3)", [("kl", "KL")]),
     ("completion_len", "Completion length", "tokens", [("completion_len", "mean completion length")]),
     ("accuracy", "Accuracy", "accuracy", [("accuracy", "train"), ("eval_accuracy", "held out")]),
@@ -55,7 +56,15 @@ def _series(records: list[dict[str, Any]], spec: list[tuple[str, str]]) -> list[
 def curve_plots(run: RunDir) -> list[Path]:
     from mathctl.training import plot_curves
 
-    records = [r for r in run.read_metrics() if "step" in r]
+    records = [dict(r) for r in run.read_metrics() if "step" in r]
+    rewards = [(i, r["reward"]) for i, r in enumerate(records) if isinstance(r.get("reward"), (int, float))]
+    for j, (i, _) in enumerate(rewards):  # a moving mean: per-step rewards of a small batch are noisy
+        window = [v for _, v in rewards[max(0, j - 9): j + 1]]
+        records[i]["reward_mean10"] = sum(window) / len(window)
+    functions = {k for r in records for k in r if k.startswith("reward/")}
+    if len(functions) == 1:  # one reward function: its curve is the total's
+        for r in records:
+            r.pop(next(iter(functions)), None)
     paths = []
     for name, title, ylabel, spec in CURVES:
         series = _series(records, spec)
@@ -71,11 +80,14 @@ def eval_plot(run: RunDir, summary: dict[str, Any]) -> Path | None:
         return None
     plt = _plt()
     names = [Path(t).stem if t.endswith(".jsonl") else t for t in tasks]
-    bars: dict[str, list[float]] = {"score": [entry.get("score", 0.0) for entry in tasks.values()]}
+    n = max(entry.get("n", 1) for entry in tasks.values())
+    bars: dict[str, list[float]] = {"accuracy" if n == 1 else f"mean of {n} samples":
+                                    [entry.get("score", 0.0) for entry in tasks.values()]}
     for metric in ("pass@k", "maj@k", "bon@k"):
         values = [entry.get(metric) or {} for entry in tasks.values()]
         if all(values) and any(entry.get("n", 1) > 1 for entry in tasks.values()):
-            bars[metric] = [v[max(v, key=int)] for v in values]
+            k = max(values[0], key=int)
+            bars[metric.replace("k", k)] = [v[max(v, key=int)] for v in values]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names) * len(bars)), 4), dpi=120)
     width = 0.8 / len(bars)
     for i, (label, values) in enumerate(bars.items()):

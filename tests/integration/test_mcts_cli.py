@@ -67,7 +67,7 @@ def test_mcts_solves_more_problems_than_greedy_and_writes_its_files(code_policy,
 @pytest.fixture(scope="module")
 def rounds_run(code_policy, tmp_path_factory) -> tuple[Path, dict]:
     run = tmp_path_factory.mktemp("rounds") / "run"
-    summary = mcts("--model", str(code_policy), "--rounds", "2", "--limit", "32", "--run-dir", str(run))
+    summary = mcts("--model", str(code_policy), "--rounds", "2", "--limit", "24", "--run-dir", str(run))
     return run, summary
 
 
@@ -84,7 +84,7 @@ def test_two_rounds_sample_train_and_sample_again(rounds_run):
     assert [r["round"] for r in read(run / "rounds.jsonl")] == [1, 2]
     png = (run / "plots" / "solve_rate.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24])[0] >= 400
-    # the policy trained on the search's traces does at least as well (measured: 0.594 -> 0.688 on 32)
+    # the policy trained on the search's traces does about as well or better (measured 0.604 -> 0.688 on 48)
     assert second["solve_rate"] >= first["solve_rate"] - 0.05
 
     # an interrupted round 2 resumes; finished pieces (round 1, its sft and rm runs) are skipped
@@ -95,20 +95,20 @@ def test_two_rounds_sample_train_and_sample_again(rounds_run):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "round_1/sft is complete, skipped" in out.stderr and "round_1/rm is complete, skipped" in out.stderr
     again = json.loads(out.stdout.strip().splitlines()[-1])
-    assert again["rounds"][1]["solved"] == second["solved"] and len(read(run / "round_2" / "trees.jsonl")) == 32
+    assert again["rounds"][1]["solved"] == second["solved"] and len(read(run / "round_2" / "trees.jsonl")) == 24
 
 
 @pytest.mark.slow
 def test_beam_search_and_ppm_valued_mcts_with_the_trained_ppm(rounds_run, tmp_path):
     run, summary = rounds_run
     policy, prm = summary["policy"], summary["prm"]
-    beam = mcts("--model", policy, "--prm", prm, "--limit", "12", "search.mode=beam", "search.beam_width=2",
+    beam = mcts("--model", policy, "--prm", prm, "--limit", "8", "search.mode=beam", "search.beam_width=2",
                 "--run-dir", str(tmp_path / "beam"))
     assert beam["mode"] == "beam" and beam["ppm_scored"] > 0 and 0 <= beam["accuracy"] <= 1
     trees = read(tmp_path / "beam" / "trees.jsonl")
     chosen = [next(n for n in t["nodes"] if n["tag"] == t["answer_node"]) for t in trees if t["answer_node"]]
     assert chosen and all(n["reason"] == "answer" and n["ppm"] is not None for n in chosen)
-    evaluated = mcts("--model", policy, "--prm", prm, "--limit", "12", "search.terminal_reward=ppm",
+    evaluated = mcts("--model", policy, "--prm", prm, "--limit", "8", "search.terminal_reward=ppm",
                      "search.iterations=4", "--run-dir", str(tmp_path / "eval"))
     nodes = [n for t in read(tmp_path / "eval" / "trees.jsonl") for n in t["nodes"]]
     answers = [n for n in nodes if n["reason"] == "answer"]
@@ -161,20 +161,3 @@ def test_bad_input_exits_2_with_one_error_line(tiny_model, tmp_path):
     out = run_cli("mcts-sample", "merge", str(tmp_path / "nothing"), "--run-dir", str(tmp_path / "m"))
     assert out.returncode == 2 and "trees.jsonl" in out.stderr
 
-
-@pytest.mark.slow
-def test_plain_text_steps_with_the_text_quickstart_policy(sft_policy, tmp_path):
-    """steps.kind=text: one line per step, nothing executed (measured: greedy 27/48, MCTS 29/48)."""
-    runs = {}
-    for mode in ("greedy", "mcts"):
-        out = run_cli("mcts-sample", "--recipe", "quickstart-mcts-text", "--model", str(sft_policy), "--json",
-                      f"search.mode={mode}", "--run-dir", str(tmp_path / mode))
-        assert out.returncode == 0, out.stderr[-3000:]
-        runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-    assert runs["mcts"]["solved"] >= runs["greedy"]["solved"] >= 15
-    assert runs["mcts"]["executions"] == 0 and runs["mcts"]["mean_tree_size"] > runs["greedy"]["mean_tree_size"]
-    trees = read(tmp_path / "mcts" / "trees.jsonl")
-    inner = [n for t in trees for n in t["nodes"] if n["parent"] and not n["terminal"]]
-    assert inner and all(n["text"].endswith("\n") and n["text"].count("\n") == 1 for n in inner)
-    sft = read(tmp_path / "mcts" / "sft.jsonl")
-    assert sft and all(r["response"].rstrip().endswith(f"\\boxed{{{r['answer']}}}.") for r in sft)

@@ -98,18 +98,17 @@ def test_eval_best_of_n_with_a_prm(cli, lively_model, tmp_path, ppm_run):
 
 
 @pytest.mark.slow
-def test_tiny_ppm_learns_to_judge_arithmetic_steps(cli, sft_policy, tmp_path):
+def test_tiny_ppm_learns_to_judge_arithmetic_steps(quickstart_pipeline):
     """The issue's bar: on synthetic step pairs (the chosen step computes right, the rejected one is
     off by 1-3), a tiny PPM initialised from the quickstart SFT policy (as rStar initialises its PPM
-    from the policy) passes 0.9 held-out pairwise accuracy on unseen problems. The shipped recipe
-    measured 0.51 (untrained) -> 0.93 at step 900, 0.926 at 1000; the step-0 value guards against a test that
+    from the policy) passes 0.9 held-out pairwise accuracy on unseen problems. This is the quickstart
+    pipeline's ppm stage (`mathctl rm --recipe quickstart-ppm --model SFT`). The shipped recipe measured
+    0.51 (untrained) -> 0.93 at step 900, 0.926 at 1000; the step-0 value guards against a test that
     cannot fail (an untrained head is near chance)."""
-    run = tmp_path / "ppm"
-    result = cli("rm", "--recipe", "quickstart-ppm", "--model", str(sft_policy), "--run-dir", str(run),
-                 "output.save_every_steps=null", "--json")
-    assert result.returncode == 0, result.stderr
+    run = quickstart_pipeline[0] / "9-ppm"
     curve = {m["step"]: m["eval_accuracy"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
              if "eval_accuracy" in m}
     print("held-out pairwise accuracy by step:", {k: round(v, 3) for k, v in curve.items()})
     assert curve[0] < 0.7
-    assert json.loads(result.stdout)["eval_accuracy"] > 0.9
+    assert json.loads((run / "summary.json").read_text())["eval_accuracy"] > 0.9
+    assert (run / "final" / "mathctl_rm.json").is_file()

@@ -28,4 +28,4 @@ def test_ci_runs_the_readme_test_command():
     commands = re.findall(r"```bash\n(python3 -m venv .*?)\n```", readme)
     test_command = next(c for c in commands if "pytest" in c)
     assert test_command in (REPO / ".ci" / "run").read_text()
-    assert any("mathctl sft --recipe quickstart-sft" in c for c in commands)
+    assert any(c.endswith("mathctl pipeline --recipe quickstart") for c in commands)  # the quickstart one-liner
