@@ -355,12 +355,7 @@ def round_summary(folder: Path, mode: str) -> dict[str, Any]:
 
 
 def _complete(folder: Path) -> dict[str, Any] | None:
-    path = folder / "summary.json"
-    if path.is_file():
-        summary = json.loads(path.read_text())
-        if summary.get("status") == "completed":
-            return summary
-    return None
+    return RunDir(folder).completed_summary()
 
 
 def run_substep(step: str, recipe: str, overrides: list[str], settings: dict[str, Any], folder: Path) -> dict[str, Any]:

@@ -97,12 +97,7 @@ def substitute(text: str, outputs: dict[str, dict[str, Any]], stage: str) -> str
 
 
 def _done(folder: Path) -> dict[str, Any] | None:
-    path = folder / "summary.json"
-    if path.is_file():
-        summary = json.loads(path.read_text())
-        if summary.get("status") == "completed":
-            return summary
-    return None
+    return RunDir(folder).completed_summary()
 
 
 def run_stage(stage: Stage, folder: Path, overrides: list[str], args: dict[str, Any]) -> dict[str, Any]:

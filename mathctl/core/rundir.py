@@ -157,6 +157,14 @@ class RunDir:
         meta.update(fields)
         atomic_write_json(self.meta_path, meta)
 
+    def completed_summary(self) -> dict[str, Any] | None:
+        """summary.json when the run finished (status completed), else None: what a re-run may skip."""
+        if self.summary_path.is_file():
+            summary = json.loads(self.summary_path.read_text())
+            if summary.get("status") == "completed":
+                return summary
+        return None
+
     def finish(self, status: str, summary: dict[str, Any] | None = None) -> None:
         if summary is not None:
             atomic_write_json(self.summary_path, summary)
