@@ -241,8 +241,10 @@ def render_header(tokenizer, question: str, template: str) -> str:
     return render_prompt(tokenizer, question, template)
 
 
-def run_round(cfg: MCTSConfig, folder: Path, *, policy: str, prm: str | None, label: str = "search") -> dict[str, Any]:
-    """Search every problem of `cfg.data` with `policy` (and `prm`); write the round's files into `folder`."""
+def run_round(cfg: MCTSConfig, folder: Path, *, policy: str, prm: str | None, label: str = "search",
+              problems: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Search every problem of `cfg.data` (or `problems`, loaded from it already) with `policy` (and `prm`);
+    write the round's files into `folder`."""
     from mathctl.core.config import SamplingConfig
     from mathctl.engines import make_engine
     from mathctl.grading import is_equivalent_batch
@@ -250,7 +252,7 @@ def run_round(cfg: MCTSConfig, folder: Path, *, policy: str, prm: str | None, la
     from mathctl.sandbox import Sandbox, SandboxLimits
 
     folder.mkdir(parents=True, exist_ok=True)
-    problems = load_problems(cfg.data)
+    problems = load_problems(cfg.data) if problems is None else problems
     done = _done_ids(folder)
     todo = [p for p in problems if p["id"] not in done]
     if done:
@@ -354,10 +356,6 @@ def round_summary(folder: Path, mode: str) -> dict[str, Any]:
 # --- rounds ---------------------------------------------------------------------------------------
 
 
-def _complete(folder: Path) -> dict[str, Any] | None:
-    return RunDir(folder).completed_summary()
-
-
 def run_substep(step: str, recipe: str, overrides: list[str], settings: dict[str, Any], folder: Path) -> dict[str, Any]:
     """Run `mathctl STEP --recipe RECIPE OVERRIDES --run-dir FOLDER` in this process (or through its
     launcher), resuming an unfinished folder and skipping a finished one."""
@@ -365,7 +363,7 @@ def run_substep(step: str, recipe: str, overrides: list[str], settings: dict[str
     from mathctl.core.config import dump_yaml, load_recipe
     from mathctl.worker import step_module
 
-    done = _complete(folder)
+    done = RunDir(folder).completed_summary()
     if done is not None:
         log(f"{step}: {folder} is complete, skipped")
         return done
@@ -396,14 +394,16 @@ def _with_overrides(cfg: MCTSConfig, overrides: list[str]) -> MCTSConfig:
     return validate(MCTSConfig, data, source="rounds.search_overrides")
 
 
-def run_rounds(cfg: MCTSConfig, run_dir: RunDir) -> dict[str, Any]:
+def run_rounds(cfg: MCTSConfig, run_dir: RunDir, problems: list[dict[str, Any]]) -> dict[str, Any]:
     policy, prm = cfg.model.path, cfg.prm
     rows: list[dict[str, Any]] = []
     r = cfg.rounds
     for k in range(1, r.count + 1):
         folder = run_dir.path / f"round_{k}"
         round_cfg = cfg if k == 1 else _with_overrides(cfg, r.search_overrides)
-        summary = _complete(folder) or run_round(round_cfg, folder, policy=policy, prm=prm, label=f"round {k}")
+        summary = RunDir(folder).completed_summary() or run_round(round_cfg, folder, policy=policy, prm=prm,
+                                                                      label=f"round {k}",
+                                                                      problems=problems if round_cfg.data == cfg.data else None)
         rows.append({"round": k, "policy": policy, "prm": prm, **{key: summary[key] for key in (
             "problems", "solved", "solve_rate", "correct", "accuracy", "mean_tree_size", "sft_rows", "ppm_pairs",
             "engine_calls", "seconds")}})
@@ -485,11 +485,11 @@ def run(cfg: MCTSConfig, run_dir: RunDir) -> dict[str, Any]:
     resolve_model_path(cfg.model.path)
     if cfg.prm:
         resolve_model_path(cfg.prm)
-    load_problems(cfg.data)  # bad data fails before any model loads
+    problems = load_problems(cfg.data)  # once, before any model loads: bad data fails first
     if cfg.rounds.count > 1:
-        summary = run_rounds(cfg, run_dir)
+        summary = run_rounds(cfg, run_dir, problems)
     else:
-        summary = run_round(cfg, run_dir.path, policy=cfg.model.path, prm=cfg.prm)
+        summary = run_round(cfg, run_dir.path, policy=cfg.model.path, prm=cfg.prm, problems=problems)
         print_table(rounds_table([{"round": 1, **summary}]))
     summary["run_dir"] = str(run_dir.path)
     run_dir.finish("completed", summary)
@@ -506,7 +506,7 @@ def merge(folders: list[Path], out: Path) -> dict[str, Any]:
     for folder in folders:
         if not (folder / "trees.jsonl").is_file():
             raise ConfigError(f"{folder} holds no trees.jsonl", hint="give the run folders of finished --shard runs")
-        summary = _complete(folder)
+        summary = RunDir(folder).completed_summary()
         if summary is None:
             raise ConfigError(f"{folder} is not a finished run", hint="finish it (--resume) before merging")
         modes.add(summary.get("mode"))

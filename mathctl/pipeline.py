@@ -96,13 +96,9 @@ def substitute(text: str, outputs: dict[str, dict[str, Any]], stage: str) -> str
 # --- stages ---------------------------------------------------------------------------------------
 
 
-def _done(folder: Path) -> dict[str, Any] | None:
-    return RunDir(folder).completed_summary()
-
-
 def run_stage(stage: Stage, folder: Path, overrides: list[str], args: dict[str, Any]) -> dict[str, Any]:
     """Run one stage into `folder` (or reuse its completed summary); returns its summary."""
-    done = _done(folder)
+    done = RunDir(folder).completed_summary()
     if done is not None:
         log(f"stage {stage.name}: complete, skipped ({folder})")
         return done
@@ -217,7 +213,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
         overrides = [substitute(o, outputs, stage.name) for o in stage.overrides]
         args = {key: substitute(v, outputs, stage.name) if isinstance(v, str) else v for key, v in stage.args.items()}
         began = time.perf_counter()
-        skipped = _done(folder) is not None
+        skipped = RunDir(folder).completed_summary() is not None
         log(f"stage {k}/{len(cfg.stages)}: {stage.name} ({stage.step})")
         summary = run_stage(stage, folder, overrides, args)
         outputs[stage.name] = outputs_of(stage, summary, folder)
