@@ -14,7 +14,7 @@ One step of a run:
        ratio_t  = exp(logp_t - logp_old_t)            (logp_old: the policy that generated the batch)
        pg_t     = -min(ratio_t * A, clip(ratio_t, 1 - epsilon_low, 1 + epsilon_high) * A)
        kl_t     = exp(ref_t - logp_t) - (ref_t - logp_t) - 1     (k3, only when beta > 0)
-       loss_t   = pg_t + beta * kl_t
+       loss_t   = w_t * pg_t + beta * kl_t                       (w_t: mismatch correction, below; else 1)
    aggregated by `grpo.loss_type`:
        grpo     mean over each completion's tokens, then mean over completions
        dapo     sum over all completion tokens / number of completion tokens (token-level)
@@ -30,8 +30,26 @@ groups whose rewards are all equal (they carry no advantage, only dilution of th
 
 log-probabilities are taken from `logits / temperature`, the distribution the engine sampled from;
 with `top_p < 1` or `top_k` the engine samples from a truncated distribution and the ratio is against
-the full one (as TRL and verl do); `logprob_diff` in the metrics is the mean |engine - trainer| gap
-of the sampled tokens' log-probabilities, which shows an engine/trainer mismatch at once.
+the full one (as TRL and verl do).
+
+Engine/trainer mismatch. The engine samples from its own copy of the weights with its own kernels
+(vLLM in bf16), so the tokens come from pi_engine, not quite from pi_old, the trainer's policy at
+rollout time. logp_old is computed by the trainer before any update of the step (the first forward's
+log-probs when there is one optimiser step per rollout, else one extra pass), and every sampled token
+carries the engine's log-prob too. `grpo.is_correction` weighs the surrogate by the importance ratio
+rho = pi_old / pi_engine = exp(logp_old - logp_engine), a constant (no gradient) that leaves the KL
+term alone (TRL, verl, open-instruct do the same):
+       tis   w_t = min(rho_t, is_cap)                              truncated importance sampling
+       mis   w_t = rho_t if is_floor <= rho_t <= is_cap, else 0    masked: the token is dropped
+With `grpo.is_level: sequence` rho is one value per completion, the product of its tokens' ratios
+(exp of the summed log-ratio), and tis/mis truncate or drop whole completions. Dropped tokens still
+count in the loss normaliser. `auto` is tis for vLLM and none for the hf engine, which samples with
+the trainer's own kernels and weights (its gap is ~1e-6 on CPU).
+Each step logs `logprob_diff` (the mean |logp_engine - logp_old| of the sampled tokens) and
+`logprob_diff_max`, and the weights' `is_weight_mean/min/max` with `is_clipped_frac` (tis) or
+`is_masked_frac` (mis). A mean gap above `grpo.max_logprob_diff` stops the run with exit 2 before
+the step's first optimiser update: the engine is then sampling from another model (a wrong weight
+push), which no reweighting fixes.
 
 With `beta: 0` no reference model is built. With LoRA the reference is the base model with the
 adapters switched off: no second copy.
@@ -57,12 +75,13 @@ from mathctl.core.config import (
     check_lora_launch,
 )
 from mathctl.core.console import console, log, progress
-from mathctl.core.errors import DataError
+from mathctl.core.errors import DataError, EngineError
 from mathctl.core.rundir import RunDir
 from mathctl.rewards import RewardsConfig
 from mathctl.sft import SyntheticData
 
 ADV_EPS = 1e-4
+LOG_RATIO_BOUND = 20.0  # |log pi_trainer / pi_engine| is clamped here before exp (verl's bound): exp(20) ~ 5e8
 
 
 # --- config -----------------------------------------------------------------------------------
@@ -107,6 +126,22 @@ class GRPOSpec(Strict):
     stop: list[str] = Field(default_factory=list, description="Extra stop strings for rollouts.")
     mask_truncated: bool = Field(False, description="No loss on completions cut by max_completion_len.")
     filter_groups: bool = Field(False, description="No loss on groups whose rewards are all equal.")
+    is_correction: Literal["auto", "none", "tis", "mis"] = Field(
+        "auto", description="Engine/trainer mismatch correction of the policy-gradient term, with the weight "
+        "w = pi_trainer_old / pi_engine of the sampled tokens: tis truncates it at is_cap; mis zeroes it outside "
+        "[is_floor, is_cap]; none uses no weight; auto: tis when the engine is vllm, none for hf (it samples with "
+        "the trainer's own kernels).")
+    is_level: Literal["token", "sequence"] = Field(
+        "token", description="One weight per token, or one per completion: the product of its tokens' ratios "
+        "(exp of the summed log-ratio, as TRL and verl do).")
+    is_cap: float = Field(2.0, gt=1, description="Upper bound of the importance weight (tis: truncated to it; "
+                          "mis: zero above it).")
+    is_floor: float | None = Field(None, ge=0, description="mis only: weights below it are zeroed; default 1 / "
+                                   "is_cap; 0 masks nothing from below.")
+    max_logprob_diff: float | None = Field(
+        0.5, gt=0, description="Stop the run (exit 2) when the mean |engine - trainer| log-probability gap of a "
+        "step's sampled tokens exceeds this (nats): the engine is not sampling from the model being trained. "
+        "Normal gaps: ~1e-6 (hf, fp32), ~1e-2 (vLLM, bf16), at most log(1 / top_p) from top_p. null: no check.")
 
 
 class GRPOTrain(TrainBase):
@@ -142,6 +177,12 @@ class GRPOConfig(Strict):
         if local % self.grpo.mini_batches:
             raise ValueError(f"each process's {local} completions per step do not split into grpo.mini_batches="
                              f"{self.grpo.mini_batches} equal parts")
+        if self.grpo.is_floor is not None:
+            if self.grpo.is_correction != "mis":
+                raise ValueError(f"grpo.is_floor applies to grpo.is_correction=mis only (got "
+                                 f"{self.grpo.is_correction}); drop is_floor or set is_correction=mis")
+            if self.grpo.is_floor >= self.grpo.is_cap:
+                raise ValueError(f"grpo.is_floor ({self.grpo.is_floor}) must be below grpo.is_cap ({self.grpo.is_cap})")
         check_lora_launch(self.lora, self.launch)
         return self
 
@@ -156,6 +197,10 @@ class GRPOConfig(Strict):
     @property
     def epsilon_high(self) -> float:
         return self.grpo.epsilon_high if self.grpo.epsilon_high is not None else self.grpo.epsilon_low
+
+    @property
+    def is_floor(self) -> float:
+        return self.grpo.is_floor if self.grpo.is_floor is not None else 1 / self.grpo.is_cap
 
 
 # --- the objective ----------------------------------------------------------------------------
@@ -177,8 +222,9 @@ def group_advantages(rewards: list[float], group_size: int, scale: bool) -> tupl
 
 
 def token_losses(logps, old_logps, advantages, mask, *, epsilon_low: float, epsilon_high: float, beta: float = 0.0,
-                 ref_logps=None) -> dict[str, Any]:
-    """Per-token loss terms. Tensors are (batch, tokens); `advantages` is (batch,). Returns the
+                 ref_logps=None, is_weights=None) -> dict[str, Any]:
+    """Per-token loss terms. Tensors are (batch, tokens); `advantages` is (batch,). `is_weights`
+    (constants, from `importance_weights`) multiply the clipped surrogate, not the KL term. Returns the
     per-token loss and the clip/KL statistics (masked tokens are zeroed)."""
     import torch
 
@@ -189,6 +235,8 @@ def token_losses(logps, old_logps, advantages, mask, *, epsilon_low: float, epsi
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * adv
     per_token = -torch.min(unclipped, clipped)
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach()
     kl = None
     if beta > 0:
         if ref_logps is None:
@@ -203,6 +251,47 @@ def token_losses(logps, old_logps, advantages, mask, *, epsilon_low: float, epsi
             "mask": mask}
 
 
+def resolve_is_correction(mode: str, backend: str) -> str:
+    """`grpo.is_correction` for a resolved engine backend: auto is tis for vllm, none for hf."""
+    if mode != "auto":
+        return mode
+    return "tis" if backend == "vllm" else "none"
+
+
+def importance_weights(old_logps, engine_logps, mask, *, mode: str, level: str, cap: float, floor: float = 0.0):
+    """Weights that correct for sampling from the engine rather than from the trainer's policy.
+
+    ratio = exp(old_logps - engine_logps): logp_old is the trainer's log-probability of the sampled
+    token under the weights that generated the batch (before this step's updates), engine_logps the
+    engine's. With `level="sequence"` a completion's ratio is the product over its tokens (the sum of
+    the log-ratios), and every token of it gets that value. tis: w = min(ratio, cap). mis: w = ratio
+    inside [floor, cap], 0 outside (the token or completion is dropped from the policy gradient; it
+    still counts in the loss normaliser).
+
+    Tensors are (batch, tokens) [B, T]; positions where `mask` is 0 get weight 1 (no correction).
+    Returns (weights, hit): the weights (no gradient) and where the cap truncated (tis) or the bounds
+    dropped (mis) the ratio.
+    """
+    import torch
+
+    on = mask > 0
+    log_ratio = torch.where(on, old_logps.detach() - engine_logps, torch.zeros_like(old_logps))
+    if level == "sequence":
+        log_ratio = log_ratio.sum(-1, keepdim=True).expand_as(old_logps)
+    elif level != "token":
+        raise ValueError(f"unknown importance-sampling level {level}")
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))  # finite in fp32, far past any cap
+    if mode == "tis":
+        hit = ratio > cap
+        weights = ratio.clamp(max=cap)
+    elif mode == "mis":
+        hit = (ratio > cap) | (ratio < floor)
+        weights = torch.where(hit, torch.zeros_like(ratio), ratio)
+    else:
+        raise ValueError(f"unknown importance-sampling mode {mode}")
+    return torch.where(on, weights, torch.ones_like(weights)).detach(), hit & on
+
+
 def aggregate(per_token, mask, loss_type: str, *, num_sequences: float, num_tokens: float, max_completion_len: int):
     """The step's loss contribution of this micro-batch. `num_sequences` / `num_tokens` are the whole
     optimiser step's counts (all micro-batches, all processes)."""
@@ -214,6 +303,39 @@ def aggregate(per_token, mask, loss_type: str, *, num_sequences: float, num_toke
     if loss_type == "dr_grpo":
         return per_token.sum() / max(num_sequences * max_completion_len, 1)
     raise ValueError(f"unknown loss_type {loss_type}")
+
+
+class MismatchMeter:
+    """One step's engine/trainer log-probability gap and importance-weight statistics, summed over
+    micro-batches (this process's share; `run` reduces them over processes)."""
+
+    def __init__(self) -> None:
+        self.gap_sum = self.gap_tokens = self.gap_max = 0.0
+        self.weight_sum = self.weight_count = self.hits = 0.0
+        self.weight_min, self.weight_max = math.inf, -math.inf
+
+    def add(self, old_logps, engine_logps, have, active, weights=None, hit=None, *, sequence: bool = False) -> None:
+        """Tensors [B, T]. The gap counts every position the engine reported (`have`); the weights count
+        the positions that carry loss (`active`): per token, or per completion at sequence level."""
+        gap = (engine_logps - old_logps).abs() * have
+        if have.sum() > 0:
+            self.gap_sum += float(gap.sum())
+            self.gap_tokens += float(have.sum())
+            self.gap_max = max(self.gap_max, float(gap.max()))
+        if weights is None:
+            return
+        on = (active > 0) & (have > 0)
+        if sequence:  # every token of a completion holds its one weight: count it once
+            rows = on.any(-1)
+            w, h = weights[:, 0][rows], hit[:, 0][rows]
+        else:
+            w, h = weights[on], hit[on]
+        if w.numel():
+            self.weight_sum += float(w.sum())
+            self.weight_count += w.numel()
+            self.hits += float(h.sum())
+            self.weight_min = min(self.weight_min, float(w.min()))
+            self.weight_max = max(self.weight_max, float(w.max()))
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -465,6 +587,50 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
                               max_new_tokens=g.max_completion_len, stop=g.stop, logprobs=True)
     reward_names = list(cfg.rewards.weights)
     eps_low, eps_high = g.epsilon_low, cfg.epsilon_high
+    is_mode = resolve_is_correction(g.is_correction, backend)
+    log(f"mismatch correction: {is_mode}" + (f" ({g.is_level} level, cap {g.is_cap})" if is_mode != "none" else "")
+        + (f"; stop when the mean engine/trainer log-prob gap exceeds {g.max_logprob_diff}" if g.max_logprob_diff
+           else "; no gap check"))
+
+    def engine_rows(chunk: list[dict[str, Any]], like):
+        """The engine's log-probabilities of a micro-batch's sampled tokens, padded like `like` [B, T],
+        and the mask of the positions it reported."""
+        have = torch.zeros_like(like)
+        for r, it in enumerate(chunk):
+            if it["engine_logprobs"]:
+                have[r, :len(it["completion_ids"])] = 1.0
+            elif is_mode != "none" and it["completion_ids"]:
+                raise EngineError(f"the {backend} engine returned no log-probabilities, which grpo.is_correction="
+                                  f"{is_mode} needs", hint="set grpo.is_correction=none")
+        values = [(it["engine_logprobs"] or [])[:len(it["completion_ids"])] for it in chunk]
+        return _pad_rows(values, like), have
+
+    def weigh(chunk: list[dict[str, Any]], old_t, active, meter: MismatchMeter | None):
+        """IS weights of a micro-batch [B, T] (None when off) from the pre-update logp_old `old_t`;
+        with `meter`, the gap and the weights are measured into it."""
+        engine_t, have = engine_rows(chunk, old_t)
+        weights = hit = None
+        if is_mode != "none":
+            weights, hit = importance_weights(old_t, engine_t, have, mode=is_mode, level=g.is_level, cap=g.is_cap,
+                                              floor=cfg.is_floor)
+        if meter is not None:
+            meter.add(old_t, engine_t, have, active, weights, hit, sequence=g.is_level == "sequence")
+        return weights
+
+    def check_gap(meter: MismatchMeter, step: int) -> tuple[float | None, float]:
+        """The step's mean and largest gap over all processes; stops the run past grpo.max_logprob_diff."""
+        gap_sum, gap_tokens = dist.all_reduce_sum([meter.gap_sum, meter.gap_tokens])
+        (gap_max,) = _all_reduce_max(dist, [meter.gap_max])
+        mean = gap_sum / gap_tokens if gap_tokens else None
+        limit = g.max_logprob_diff
+        if limit is not None and mean is not None and not mean <= limit:  # a nan gap stops the run too
+            raise EngineError(
+                f"step {step + 1}: the engine's log-probabilities of the sampled tokens differ from the trainer's by "
+                f"{mean:.4g} nats on average (largest {gap_max:.4g}), above grpo.max_logprob_diff={limit}",
+                hint="the engine is not sampling from the model being trained: the weights pushed into it after "
+                "each step are wrong (a weight-sync bug), or its numerics differ from the trainer's (engine.dtype, "
+                "kernels, quantisation); raise grpo.max_logprob_diff, or set it to null, only if such a gap is expected")
+        return mean, gap_max
     started = time.perf_counter()
     last: dict[str, Any] = {}
 
@@ -502,6 +668,8 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
             # 4. optimisation
             t0 = time.perf_counter()
             model.eval()
+            # logp_old: the trainer's log-probs of the rollout before any update of this step. With one
+            # optimiser step per rollout they are the first forward's (detached); otherwise one extra pass.
             reuse_old = g.epochs * g.mini_batches == 1
             old = None if reuse_old else logprobs_of(items, model)
             refs = None
@@ -509,8 +677,19 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
                 with ref_context():
                     refs = logprobs_of(items, ref_model if ref_model is not None else model)
             model.train()
-            local_stats = {"kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0.0, "active_tokens": 0.0, "loss": 0.0,
-                           "lp_diff": 0.0, "lp_tokens": 0.0}
+            local_stats = {"kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0.0, "active_tokens": 0.0, "loss": 0.0}
+            meter = MismatchMeter()
+            gap: tuple[float | None, float] | None = None
+            if not reuse_old:
+                # the engine/trainer gap and the gate come before the first of several optimiser steps
+                for m in range(0, len(items), cfg.train.micro_batch_size):
+                    chunk = items[m:m + cfg.train.micro_batch_size]
+                    lengths = torch.tensor([len(it["completion_ids"]) for it in chunk])
+                    old_t = _pad_rows(old[m:m + len(chunk)], torch.zeros(len(chunk), int(lengths.max())))
+                    active = (torch.arange(old_t.shape[1])[None, :] < lengths[:, None]).float() * torch.tensor(
+                        [float(it["active"]) for it in chunk])[:, None]
+                    weigh(chunk, old_t, active, meter)
+                gap = check_gap(meter, step)
             grad_norm = 0.0
             order_rng = random.Random(cfg.train.seed * 1_000_003 + step)
             for epoch in range(g.epochs):
@@ -532,10 +711,11 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
                         with training.autocast(cfg.train, dist, model):
                             logps, ent = completion_logprobs(model, batch, g.temperature, entropy=epoch == 0)
                         old_t = logps.detach() if reuse_old else _pad_rows([old[i] for i in chunk_ids], logps)
+                        weights = weigh(chunk, old_t, mask, meter if reuse_old else None)
                         ref_t = _pad_rows([refs[i] for i in chunk_ids], logps) if refs is not None else None
                         adv = torch.tensor([it["advantage"] for it in chunk], device=dist.device)
                         terms = token_losses(logps, old_t, adv, mask, epsilon_low=eps_low, epsilon_high=eps_high,
-                                             beta=g.beta, ref_logps=ref_t)
+                                             beta=g.beta, ref_logps=ref_t, is_weights=weights)
                         loss = aggregate(terms["loss"], mask, g.loss_type, num_sequences=n_seq, num_tokens=n_tok,
                                          max_completion_len=g.max_completion_len)
                         (loss * dist.world).backward()  # FSDP/DDP average over ranks; the loss is already global
@@ -549,12 +729,8 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
                                 local_stats["kl"] += float(terms["kl"].detach().sum())
                             if ent is not None:
                                 local_stats["entropy"] += float((ent * full).sum())
-                            for r, it in enumerate(chunk):
-                                if it["engine_logprobs"]:
-                                    n = len(it["completion_ids"])
-                                    diff = torch.tensor(it["engine_logprobs"][:n], device=dist.device) - logps[r, :n].detach()
-                                    local_stats["lp_diff"] += float(diff.abs().sum())
-                                    local_stats["lp_tokens"] += n
+                    if gap is None:  # one optimiser step per rollout: measured in its forwards, gated before it
+                        gap = check_gap(meter, step)
                     grad_norm = training.clip_grad_norm(model, cfg.train.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
@@ -570,14 +746,15 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
                 sum(len(it["completion_ids"]) for it in items), sum(it["truncated"] for it in items),
                 sum(flat) / g.group_size, sum(1 for it in items if it["active"]),
                 local_stats["tokens"], local_stats["active_tokens"], local_stats["clipped"], local_stats["kl"],
-                local_stats["entropy"],
-                local_stats["loss"], local_stats["lp_diff"], local_stats["lp_tokens"],
+                local_stats["entropy"], local_stats["loss"],
                 sum(per_fn["correctness"]) if "correctness" in per_fn else 0.0,
+                meter.weight_sum, meter.weight_count, meter.hits,
             ])
             count, r_sum, r_sq = sums[0], sums[1], sums[2]
             fn_sums = sums[3:3 + len(reward_names)]
-            (len_sum, trunc, zero_groups, active_n, tok, active_tok, clipped, kl, entropy, loss_sum, lp_diff, lp_tok,
-             correct) = sums[3 + len(reward_names):]
+            (len_sum, trunc, zero_groups, active_n, tok, active_tok, clipped, kl, entropy, loss_sum, correct,
+             weight_sum, weight_count, weight_hits) = sums[3 + len(reward_names):]
+            weight_max, neg_weight_min = _all_reduce_max(dist, [meter.weight_max, -meter.weight_min])
             mean = r_sum / count
             record.update({
                 "reward": mean, "reward_std": math.sqrt(max(r_sq / count - mean * mean, 0.0)),
@@ -593,8 +770,12 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
                 record["accuracy"] = correct / count
             if g.beta > 0:
                 record["kl"] = kl / max(active_tok, 1)
-            if lp_tok:
-                record["logprob_diff"] = lp_diff / lp_tok
+            if gap[0] is not None:
+                record["logprob_diff"], record["logprob_diff_max"] = gap
+            if weight_count:
+                record.update({"is_weight_mean": weight_sum / weight_count, "is_weight_min": -neg_weight_min,
+                               "is_weight_max": weight_max,
+                               f"is_{'clipped' if is_mode == 'tis' else 'masked'}_frac": weight_hits / weight_count})
             last = record
             done = step + 1
             if dist.is_main and (done % cfg.train.log_every_steps == 0 or done == total_steps):
@@ -615,7 +796,7 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "status": "completed", "run_dir": str(run_dir.path), "final_dir": str(run_dir.final_dir), "steps": total_steps,
         "resumed_from_step": start_step, "train_seconds": round(train_seconds, 3), "world_size": dist.world,
-        "backend": backend, "data": stats,
+        "backend": backend, "is_correction": is_mode, "data": stats,
     }
     if dist.is_main:
         metrics = [r for r in run_dir.read_metrics() if "reward" in r]
@@ -637,6 +818,17 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
         run_dir.finish("completed", summary)
     training.close_distributed(dist)
     return summary
+
+
+def _all_reduce_max(dist, values: list[float]) -> list[float]:
+    """Element-wise max over processes."""
+    if not dist.distributed:
+        return values
+    import torch
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=dist.device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return tensor.tolist()
 
 
 def _pad_rows(rows: list[list[float]], like):

@@ -124,6 +124,27 @@ def test_options_that_change_the_objective_run(cli, lively_model, tmp_path):
     assert record["truncated_frac"] > 0 and record["active_frac"] <= 1 - record["truncated_frac"] + 1e-9
 
 
+@pytest.mark.parametrize(("correction", "level", "mini_batches"), [("tis", "token", 1), ("mis", "sequence", 2)])
+def test_mismatch_is_measured_before_the_updates(cli, lively_model, tmp_path, correction, level, mini_batches):
+    """Correction forced on for the hf engine (auto turns it off), with one optimiser step per rollout
+    (logp_old from the training forward) and with two at a large learning rate (logp_old from an extra
+    pass): either way the gap and the weights come from the policy before the step's first update, so
+    they stay at the hf engine's ~1e-6 and 1. (Measured on the live policy, as before, the second
+    mini-batch's gap was the first update's size: 0.43 and 0.28 nats on this run.)"""
+    run = tmp_path / correction
+    result = cli("grpo", *_quick(lively_model, f"grpo.mini_batches={mini_batches}", "train.micro_batch_size=2",
+                                 "train.max_steps=2", f"grpo.is_correction={correction}", f"grpo.is_level={level}",
+                                 "output.save_every_steps=null", "output.plots=false"),
+                 "--run-dir", str(run), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["is_correction"] == correction
+    for record in _metrics(run):
+        assert record["logprob_diff"] < 1e-4 and record["logprob_diff_max"] < 1e-3, record
+        for key in ("is_weight_mean", "is_weight_min", "is_weight_max"):
+            assert record[key] == pytest.approx(1.0, abs=1e-3), key
+        assert record[f"is_{'clipped' if correction == 'tis' else 'masked'}_frac"] == 0.0
+
+
 def test_bad_input_exits_2_without_traceback(cli, tiny_model, tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"problem": "1+1?", "answer": "2"}) + "\n" + json.dumps({"problem": "2+2?"}) + "\n")
@@ -136,3 +157,36 @@ def test_bad_input_exits_2_without_traceback(cli, tiny_model, tmp_path):
 
     result = cli("grpo", *_quick(tiny_model, "data.source=/nonexistent/rl"), "--run-dir", str(tmp_path / "r3"))
     assert result.returncode == 2 and "/nonexistent/rl" in result.stderr and "Traceback" not in result.stderr
+
+
+
+def test_wrong_weights_in_the_engine_stop_the_run(lively_model, tmp_path, monkeypatch, capsys):
+    """The engine gets wrong weights after step 1 (every matrix pushed with noise, as a broken weight
+    sync would do): step 2's samples come from another model, the engine/trainer log-prob gap jumps from
+    ~1e-6 to about 2 nats (measured; noise of std 0.02 already gives 0.5), and the run stops with exit 2
+    and one `error:` line before the optimiser updates on them."""
+    import torch
+
+    from mathctl import grpo
+    from mathctl.cli import main
+
+    push = grpo.engine_state_dict
+
+    def wrong_weights(model, lora, distributed):
+        state = push(model, lora, distributed)
+        gen = torch.Generator().manual_seed(0)
+        return {k: v + torch.randn(v.shape, generator=gen) * 0.1 if v.dim() == 2 else v for k, v in state.items()}
+
+    monkeypatch.setattr(grpo, "engine_state_dict", wrong_weights)
+    run = tmp_path / "wrong"
+    code = main(["grpo", *_quick(lively_model, "train.max_steps=3", "output.save_every_steps=null", "output.plots=false"),
+                 "--run-dir", str(run)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "step 2:" in errors[0] and "grpo.max_logprob_diff=0.5" in errors[0], err
+    assert "hint:" in err and "weight" in err and "Traceback" not in err
+    [first] = _metrics(run)  # step 1 ran with the right weights; step 2 stopped before its update
+    assert first["logprob_diff"] < 1e-4
+    assert json.loads((run / "meta.json").read_text())["status"] == "failed"
+    assert not (run / "final").exists()

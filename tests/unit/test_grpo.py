@@ -9,12 +9,15 @@ import torch
 
 from mathctl.grpo import (
     GRPOConfig,
+    MismatchMeter,
     PromptPlan,
     aggregate,
     build_batch,
     completion_logprobs,
     engine_state_dict,
     group_advantages,
+    importance_weights,
+    resolve_is_correction,
     token_losses,
 )
 
@@ -113,6 +116,125 @@ def test_masked_tokens_do_not_touch_the_loss_or_gradient():
     assert float(logps.grad[0, 1]) == 0.0
 
 
+# --- engine/trainer mismatch correction ------------------------------------------------------
+# log(pi_old / pi_engine) per token of 3 completions (lengths 3, 2, 3); the padding slot holds junk.
+IS_MASK = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1]], dtype=torch.float32)
+IS_RATIO = [[1.5, 3.0, 0.25], [0.8, 0.6, math.exp(9.0)], [3.0, 1.0, 1.2]]
+IS_LOG_RATIO = torch.tensor([[math.log(r) for r in row] for row in IS_RATIO])
+# Hand-computed weights with cap 2 (and floor 0.5 for mis); padding gets 1. Sequence ratios are the
+# products of the token ratios: 1.5 * 3 * 0.25 = 1.125, 0.8 * 0.6 = 0.48, 3 * 1 * 1.2 = 3.6.
+IS_CASES = {
+    ("tis", "token"): ([[1.5, 2.0, 0.25], [0.8, 0.6, 1.0], [2.0, 1.0, 1.2]],       # 3 -> 2 twice
+                       [[0, 1, 0], [0, 0, 0], [1, 0, 0]]),
+    ("mis", "token"): ([[1.5, 0.0, 0.0], [0.8, 0.6, 1.0], [0.0, 1.0, 1.2]],        # 3 > 2 and 0.25 < 0.5 dropped
+                       [[0, 1, 1], [0, 0, 0], [1, 0, 0]]),
+    ("tis", "sequence"): ([[1.125] * 3, [0.48, 0.48, 1.0], [2.0] * 3],             # 3.6 -> 2; 0.48 kept (no floor)
+                          [[0, 0, 0], [0, 0, 0], [1, 1, 1]]),
+    ("mis", "sequence"): ([[1.125] * 3, [0.0, 0.0, 1.0], [0.0] * 3],               # 0.48 < 0.5 and 3.6 > 2 dropped
+                          [[0, 0, 0], [1, 1, 0], [1, 1, 1]]),
+}
+
+
+def _is_weights(mode, level, engine=None):
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -1.5, -4.0], [-0.2, -2.5, -1.1]])
+    engine = old - IS_LOG_RATIO if engine is None else engine  # so that old - engine = IS_LOG_RATIO
+    return importance_weights(old, engine, IS_MASK, mode=mode, level=level, cap=2.0, floor=0.5)
+
+
+@pytest.mark.parametrize(("mode", "level"), list(IS_CASES))
+def test_importance_weights_by_hand(mode, level):
+    weights, hit = _is_weights(mode, level)
+    want, want_hit = IS_CASES[mode, level]
+    assert torch.allclose(weights, torch.tensor(want), atol=1e-6)
+    assert hit.int().tolist() == want_hit
+    assert not weights.requires_grad
+
+
+@pytest.mark.parametrize(("mode", "level"), list(IS_CASES))
+def test_weighted_gradient_by_hand(mode, level):
+    """One optimiser step per rollout (logp_old = logp, ratio 1), dapo: d loss / d logp_t = -A w_t / tokens."""
+    weights, _ = _is_weights(mode, level)
+    logps = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -1.5, -4.0], [-0.2, -2.5, -1.1]], requires_grad=True)
+    adv = torch.tensor([2.0, -1.0, 0.5])
+    terms = token_losses(logps, logps.detach(), adv, IS_MASK, epsilon_low=0.2, epsilon_high=0.2, is_weights=weights)
+    loss = aggregate(terms["loss"], IS_MASK, "dapo", num_sequences=3, num_tokens=8, max_completion_len=3)
+    loss.backward()
+    w = IS_CASES[mode, level][0]
+    want = [[-adv[r].item() * w[r][t] * IS_MASK[r, t].item() / 8 for t in range(3)] for r in range(3)]
+    assert torch.allclose(logps.grad, torch.tensor(want), atol=1e-6)
+    want_loss = sum(-adv[r].item() * w[r][t] for r in range(3) for t in range(3) if IS_MASK[r, t]) / 8
+    assert float(loss.detach()) == pytest.approx(want_loss, abs=1e-6)
+
+
+def test_weights_scale_the_clipped_surrogate_not_the_kl():
+    """Off-policy ratios (the LOG_RATIO toy, logp_old = 0) with tis weights: the gradient is -w r A on
+    unclipped tokens and 0 on clipped ones; the KL term is the same with or without weights."""
+    a = 0.7
+    logps = LOG_RATIO.clone().requires_grad_(True)
+    w = torch.tensor([[0.5, 2.0, 1.5], [0.25, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    terms = token_losses(logps, torch.zeros(4, 3), torch.tensor([a, -a, 0.0, 0.0]), MASK, epsilon_low=0.2,
+                         epsilon_high=0.28, is_weights=w)
+    assert torch.allclose(terms["loss"], w * torch.tensor(hand_per_token(a)), atol=1e-6)
+    terms["loss"].sum().backward()
+    r = LOG_RATIO.exp()
+    # token (0,1) is clipped (r = 1.5 > 1.28, A > 0) and (1,0) too (r = 0.5 < 0.8, A < 0): no gradient
+    want = [[-0.5 * r[0, 0] * a, 0.0, -1.5 * r[0, 2] * a], [0.0, 1.0 * r[1, 1] * a, 0.0], [0.0] * 3, [0.0] * 3]
+    assert torch.allclose(logps.grad, torch.tensor(want), atol=1e-6)
+
+    ref = torch.full((4, 3), math.log(2.0))
+    plain = token_losses(LOG_RATIO, torch.zeros(4, 3), torch.zeros(4), MASK, epsilon_low=0.2, epsilon_high=0.28,
+                         beta=0.5, ref_logps=ref)
+    weighted = token_losses(LOG_RATIO, torch.zeros(4, 3), torch.zeros(4), MASK, epsilon_low=0.2, epsilon_high=0.28,
+                            beta=0.5, ref_logps=ref, is_weights=w)
+    assert torch.equal(weighted["loss"], plain["loss"])  # A = 0: only beta * KL, and it is not weighted
+
+
+@pytest.mark.parametrize(("mode", "level"), list(IS_CASES))
+def test_engine_equal_to_trainer_changes_nothing(mode, level):
+    """Engine log-probs equal to the trainer's: every weight is 1 and the loss is today's, bit for bit."""
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -1.5, -4.0], [-0.2, -2.5, -1.1]])
+    weights, hit = importance_weights(old, old.clone(), IS_MASK, mode=mode, level=level, cap=2.0, floor=0.5)
+    assert torch.equal(weights, torch.ones(3, 3)) and not hit.any()
+    logps = old + torch.tensor([[0.1, -0.3, 0.05], [0.2, 0.0, 7.0], [-0.4, 0.3, 0.01]])
+    adv = torch.tensor([1.5, -0.5, 0.3])
+    for loss_type in ("grpo", "dapo", "dr_grpo"):
+        kwargs = dict(epsilon_low=0.2, epsilon_high=0.28, beta=0.1, ref_logps=old - 0.2)
+        today = token_losses(logps, old, adv, IS_MASK, **kwargs)
+        fixed = token_losses(logps, old, adv, IS_MASK, **kwargs, is_weights=weights)
+        counts = dict(num_sequences=3, num_tokens=8, max_completion_len=3)
+        assert torch.equal(aggregate(fixed["loss"], IS_MASK, loss_type, **counts),
+                           aggregate(today["loss"], IS_MASK, loss_type, **counts))
+
+
+def test_mismatch_meter_by_hand():
+    """The logged gap is over every reported token (padding out); the weight statistics over tokens
+    that carry loss, or once per completion at sequence level."""
+    old = torch.zeros(3, 3)
+    engine = -IS_LOG_RATIO
+    active = IS_MASK.clone()
+    active[2] = 0  # a completion without loss (filtered group): its gap counts, its weights do not
+    gaps = [abs(math.log(r)) for row, m in zip(IS_RATIO, IS_MASK.tolist()) for r, on in zip(row, m) if on]
+    meter = MismatchMeter()
+    weights, hit = importance_weights(old, engine, IS_MASK, mode="tis", level="token", cap=2.0)
+    meter.add(old, engine, IS_MASK, active, weights, hit)
+    assert meter.gap_sum / meter.gap_tokens == pytest.approx(sum(gaps) / 8)
+    assert meter.gap_max == pytest.approx(math.log(4.0))  # the 0.25 token
+    assert meter.weight_count == 5 and meter.hits == 1
+    assert meter.weight_sum / meter.weight_count == pytest.approx((1.5 + 2.0 + 0.25 + 0.8 + 0.6) / 5)
+    assert (meter.weight_min, meter.weight_max) == pytest.approx((0.25, 2.0))
+    seq = MismatchMeter()
+    weights, hit = importance_weights(old, engine, IS_MASK, mode="mis", level="sequence", cap=2.0, floor=0.5)
+    seq.add(old, engine, IS_MASK, IS_MASK, weights, hit, sequence=True)
+    assert seq.weight_count == 3 and seq.hits == 2  # 0.48 and 3.6 dropped
+    assert seq.weight_sum == pytest.approx(1.125)
+
+
+def test_is_correction_resolves_by_backend():
+    assert resolve_is_correction("auto", "vllm") == "tis"
+    assert resolve_is_correction("auto", "hf") == "none"
+    assert resolve_is_correction("mis", "hf") == "mis" and resolve_is_correction("none", "vllm") == "none"
+
+
 def test_completion_logprobs_match_teacher_forcing_without_padding(lively_model):
     """Left-padded prompts and right-padded completions give each row exactly its own unpadded
     log-probabilities, and the completion mask covers the completion and nothing else."""
@@ -178,3 +300,11 @@ def test_config_checks():
         GRPOConfig(**base, grpo={"prompts_per_step": 3}, launch={"num_processes": 2})
     with pytest.raises(ValidationError, match="mini_batches"):
         GRPOConfig(**base, grpo={"prompts_per_step": 1, "group_size": 3, "mini_batches": 2})
+    assert cfg.grpo.is_correction == "auto" and cfg.is_floor == 0.5  # 1 / is_cap
+    assert GRPOConfig(**base, grpo={"is_correction": "mis", "is_floor": 0.0}).is_floor == 0.0
+    with pytest.raises(ValidationError, match="is_correction=mis"):
+        GRPOConfig(**base, grpo={"is_correction": "tis", "is_floor": 0.3})
+    with pytest.raises(ValidationError, match="below grpo.is_cap"):
+        GRPOConfig(**base, grpo={"is_correction": "mis", "is_cap": 2.0, "is_floor": 2.0})
+    with pytest.raises(ValidationError, match="is_cap"):
+        GRPOConfig(**base, grpo={"is_cap": 1.0})
