@@ -183,6 +183,10 @@ class GRPOConfig(Strict):
                                  f"{self.grpo.is_correction}); drop is_floor or set is_correction=mis")
             if self.grpo.is_floor >= self.grpo.is_cap:
                 raise ValueError(f"grpo.is_floor ({self.grpo.is_floor}) must be below grpo.is_cap ({self.grpo.is_cap})")
+        tp = self.engine.tensor_parallel_size
+        if self.engine.backend != "hf" and tp > 1 and world % tp:
+            raise ValueError(f"engine.tensor_parallel_size={tp} must divide launch.num_processes={world}: GRPO runs one "
+                             "vLLM engine per group of that many training processes")
         check_lora_launch(self.lora, self.launch)
         return self
 
@@ -411,36 +415,38 @@ class PromptPlan:
 # --- weights for the engine -------------------------------------------------------------------
 
 
-def engine_state_dict(model, lora: LoraSpec, distributed: bool) -> dict[str, Any]:
-    """Full weights of the policy under the plain model's names, on every process; LoRA merged."""
+def engine_weights(model, lora: LoraSpec):
+    """The policy's full weights under the plain model's names, one tensor at a time (LoRA merged).
 
+    Under FSDP2 each tensor is gathered (`full_tensor`, a collective: every process walks the same
+    order) only when the consumer asks for it, so a push never holds more than one full tensor (two
+    small LoRA factors beside it) in addition to the shards; the engine casts it to its own dtype."""
     from mathctl import training
 
-    inner = training.unwrap(model)
-    if distributed:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    def full(tensor):
+        tensor = tensor.detach()
+        return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
-        state = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
-    else:
-        state = inner.state_dict()
+    state = training.unwrap(model).state_dict()  # FSDP2: DTensor shards, nothing gathered yet
     if not lora.enabled:
-        return {k: v.detach() for k, v in state.items()}
+        for name, value in state.items():
+            yield name, full(value)
+        return
     scale = lora.alpha / lora.r
     prefix = "base_model.model."
-    out: dict[str, Any] = {}
     for key, value in state.items():
         if ".lora_A." in key or ".lora_B." in key or "lora_dropout" in key:
             continue
         name = key[len(prefix):] if key.startswith(prefix) else key
+        value = full(value)
         if ".base_layer." in name:
             module = key.split(".base_layer.")[0]
             name = name.replace(".base_layer.", ".")
             a = state.get(f"{module}.lora_A.default.weight")
             b = state.get(f"{module}.lora_B.default.weight")
             if a is not None and b is not None and name.endswith(".weight"):
-                value = value.detach() + scale * (b.detach().float() @ a.detach().float()).to(value.dtype)
-        out[name] = value.detach()
-    return out
+                value = value + scale * (full(b).float() @ full(a).float()).to(value.dtype)
+        yield name, value
 
 
 # --- log-probabilities ------------------------------------------------------------------------
@@ -541,14 +547,22 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     backend = resolve_backend(cfg.engine.backend)
-    # the engine holds its own copy of the weights (as a colocated vLLM does); push_weights refreshes it
-    engine = HFEngine(cfg.model, cfg.engine, tokenizer=tokenizer) if backend == "hf" else make_engine(cfg.model, cfg.engine)
+    # the engine holds its own copy of the weights; push_weights refreshes it after every step. vLLM runs
+    # colocated: one engine per process on its device (external launcher), tensor-parallel groups of
+    # engine.tensor_parallel_size consecutive processes generating the same prompts together
+    engine = HFEngine(cfg.model, cfg.engine, tokenizer=tokenizer) if backend == "hf" \
+        else make_engine(cfg.model, cfg.engine, colocated=True)
+    tp = cfg.engine.tensor_parallel_size if backend == "vllm" else 1
+    tp_group = None
+    if tp > 1:
+        tp_group, _ = torch.distributed.new_subgroups_by_enumeration(
+            [list(range(start, start + tp)) for start in range(0, dist.world, tp)])
     log(f"model: {cfg.model.path}, trainable parameters {trainable:,} on {dist.world} process(es); rollouts on "
         f"{backend}; reference model: {'adapters off' if cfg.lora.enabled and g.beta > 0 else 'copy' if ref_model else 'none (beta 0)'}")
 
     def push_weights() -> float:
         started = time.perf_counter()
-        engine.load_weights(engine_state_dict(model, cfg.lora, dist.distributed))
+        engine.load_weights(engine_weights(model, cfg.lora))
         return time.perf_counter() - started
 
     # --- resume
@@ -642,8 +656,17 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
             t0 = time.perf_counter()
             chosen = plan.indices(step)[dist.rank::dist.world]
             prompts = [rows[i]["messages"] for i in chosen]
-            samples = engine.generate(prompts, sampling.model_copy(update={"seed": cfg.train.seed + step}),
-                                      prompt_seeds=chosen)
+            step_sampling = sampling.model_copy(update={"seed": cfg.train.seed + step})
+            if tp_group is None:
+                samples = engine.generate(prompts, step_sampling, prompt_seeds=chosen)
+            else:  # a tensor-parallel engine: its processes generate the group's prompts together
+                shares: list[Any] = [None] * tp
+                torch.distributed.all_gather_object(shares, chosen, group=tp_group)
+                together = [i for share in shares for i in share]
+                outputs = engine.generate([rows[i]["messages"] for i in together], step_sampling, prompt_seeds=together)
+                offset = sum(len(share) for share in shares[:dist.rank % tp])
+                samples = outputs[offset:offset + len(chosen)]
+            engine.sleep()  # vLLM sleep mode: its memory goes to the trainer until the next push
             gen_s = time.perf_counter() - t0
 
             # 2. rewards

@@ -64,6 +64,10 @@ class Engine(Protocol):
         """Copy full tensors (names as in the Hugging Face model) into the engine's model."""
         ...
 
+    def sleep(self) -> None:
+        """Give memory back while a colocated trainer steps (vLLM sleep mode); may do nothing."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -85,8 +89,9 @@ def resolve_backend(requested: str) -> str:
     return "vllm" if torch.cuda.is_available() and vllm_available() else "hf"
 
 
-def make_engine(model: ModelSpec, config: EngineConfig) -> Engine:
-    """Build the engine `config.backend` names for `model`."""
+def make_engine(model: ModelSpec, config: EngineConfig, *, colocated: bool = False) -> Engine:
+    """Build the engine `config.backend` names for `model`. `colocated`: a vLLM engine inside a
+    training process, one per process on its own device (GRPO); the hf engine is placed alike anyway."""
     backend = resolve_backend(config.backend)
     if backend == "vllm":
         if not vllm_available():
@@ -95,7 +100,7 @@ def make_engine(model: ModelSpec, config: EngineConfig) -> Engine:
                               "CPU), or set engine.backend=hf")
         from mathctl.engines.vllm import VLLMEngine
 
-        return VLLMEngine(model, config)
+        return VLLMEngine(model, config, colocated=colocated)
     from mathctl.engines.hf import HFEngine
 
     return HFEngine(model, config)

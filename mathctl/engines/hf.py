@@ -127,6 +127,9 @@ class HFEngine:
                                       hint="push weights of the same model (gather FSDP shards to full tensors first)")
                 target.copy_(value.to(device=target.device, dtype=target.dtype))
 
+    def sleep(self) -> None:
+        """Nothing to release: the model's memory is its weights, which the next push overwrites."""
+
     def close(self) -> None:
         import torch
 

@@ -170,14 +170,14 @@ def test_wrong_weights_in_the_engine_stop_the_run(lively_model, tmp_path, monkey
     from mathctl import grpo
     from mathctl.cli import main
 
-    push = grpo.engine_state_dict
+    push = grpo.engine_weights
 
-    def wrong_weights(model, lora, distributed):
-        state = push(model, lora, distributed)
+    def wrong_weights(model, lora):
         gen = torch.Generator().manual_seed(0)
-        return {k: v + torch.randn(v.shape, generator=gen) * 0.1 if v.dim() == 2 else v for k, v in state.items()}
+        for name, value in push(model, lora):
+            yield name, value + torch.randn(value.shape, generator=gen) * 0.1 if value.dim() == 2 else value
 
-    monkeypatch.setattr(grpo, "engine_state_dict", wrong_weights)
+    monkeypatch.setattr(grpo, "engine_weights", wrong_weights)
     run = tmp_path / "wrong"
     code = main(["grpo", *_quick(lively_model, "train.max_steps=3", "output.save_every_steps=null", "output.plots=false"),
                  "--run-dir", str(run)])

@@ -14,7 +14,7 @@ from mathctl.grpo import (
     aggregate,
     build_batch,
     completion_logprobs,
-    engine_state_dict,
+    engine_weights,
     group_advantages,
     importance_weights,
     resolve_is_correction,
@@ -281,7 +281,7 @@ def test_lora_weights_for_the_engine_are_the_merged_model(tiny_model):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)  # a trained adapter: B != 0
-    state = engine_state_dict(model, spec, distributed=False)
+    state = dict(engine_weights(model, spec))
     merged = model.merge_and_unload().state_dict()
     assert set(state) == set(merged)
     worst = max(float((state[k] - merged[k]).abs().max()) for k in merged)
