@@ -560,258 +560,260 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
     log(f"model: {cfg.model.path}, trainable parameters {trainable:,} on {dist.world} process(es); rollouts on "
         f"{backend}; reference model: {'adapters off' if cfg.lora.enabled and g.beta > 0 else 'copy' if ref_model else 'none (beta 0)'}")
 
-    def push_weights() -> float:
+    try:
+        def push_weights() -> float:
+            started = time.perf_counter()
+            engine.load_weights(engine_weights(model, cfg.lora))
+            return time.perf_counter() - started
+
+        # --- resume
+        start_step = 0
+        latest = run_dir.latest_checkpoint()
+        if latest is not None:
+            state = training.load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler, dist=dist)
+            start_step = state["step"]
+            log(f"resumed from {latest.name}: continuing at step {start_step}")
+            push_weights()
+        if dist.is_main:
+            run_dir.truncate_metrics(start_step)
+
+        def save(step: int) -> None:
+            training.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                     trainer_state={"rollout_step": step}, dist=dist,
+                                     keep_last=cfg.output.keep_last_checkpoints, hf=cfg.output.save_hf_checkpoints,
+                                     tokenizer=tokenizer, lora=cfg.lora, chat_template=tokenizer.chat_template)
+
+        def ref_context():
+            if cfg.lora.enabled:
+                return training.unwrap(model).disable_adapter()
+            return contextlib.nullcontext()
+
+        def logprobs_of(items: list[dict[str, Any]], which) -> list[list[float]]:
+            out: list[list[float]] = []
+            with torch.no_grad(), training.autocast(cfg.train, dist, which):
+                for i in range(0, len(items), cfg.train.micro_batch_size):
+                    chunk = items[i:i + cfg.train.micro_batch_size]
+                    batch = build_batch(chunk, tokenizer.pad_token_id, dist.device)
+                    lp, _ = completion_logprobs(which, batch, g.temperature)
+                    out += [lp[r, :len(it["completion_ids"])].tolist() for r, it in enumerate(chunk)]
+            return out
+
+        sampling = SamplingConfig(n=g.group_size, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                                  max_new_tokens=g.max_completion_len, stop=g.stop, logprobs=True)
+        reward_names = list(cfg.rewards.weights)
+        eps_low, eps_high = g.epsilon_low, cfg.epsilon_high
+        is_mode = resolve_is_correction(g.is_correction, backend)
+        log(f"mismatch correction: {is_mode}" + (f" ({g.is_level} level, cap {g.is_cap})" if is_mode != "none" else "")
+            + (f"; stop when the mean engine/trainer log-prob gap exceeds {g.max_logprob_diff}" if g.max_logprob_diff
+               else "; no gap check"))
+
+        def engine_rows(chunk: list[dict[str, Any]], like):
+            """The engine's log-probabilities of a micro-batch's sampled tokens, padded like `like` [B, T],
+            and the mask of the positions it reported."""
+            have = torch.zeros_like(like)
+            for r, it in enumerate(chunk):
+                if it["engine_logprobs"]:
+                    have[r, :len(it["completion_ids"])] = 1.0
+                elif is_mode != "none" and it["completion_ids"]:
+                    raise EngineError(f"the {backend} engine returned no log-probabilities, which grpo.is_correction="
+                                      f"{is_mode} needs", hint="set grpo.is_correction=none")
+            values = [(it["engine_logprobs"] or [])[:len(it["completion_ids"])] for it in chunk]
+            return _pad_rows(values, like), have
+
+        def weigh(chunk: list[dict[str, Any]], old_t, active, meter: MismatchMeter | None):
+            """IS weights of a micro-batch [B, T] (None when off) from the pre-update logp_old `old_t`;
+            with `meter`, the gap and the weights are measured into it."""
+            engine_t, have = engine_rows(chunk, old_t)
+            weights = hit = None
+            if is_mode != "none":
+                weights, hit = importance_weights(old_t, engine_t, have, mode=is_mode, level=g.is_level, cap=g.is_cap,
+                                                  floor=cfg.is_floor)
+            if meter is not None:
+                meter.add(old_t, engine_t, have, active, weights, hit, sequence=g.is_level == "sequence")
+            return weights
+
+        def check_gap(meter: MismatchMeter, step: int) -> tuple[float | None, float]:
+            """The step's mean and largest gap over all processes; stops the run past grpo.max_logprob_diff."""
+            gap_sum, gap_tokens = dist.all_reduce_sum([meter.gap_sum, meter.gap_tokens])
+            (gap_max,) = _all_reduce_max(dist, [meter.gap_max])
+            mean = gap_sum / gap_tokens if gap_tokens else None
+            limit = g.max_logprob_diff
+            if limit is not None and mean is not None and not mean <= limit:  # a nan gap stops the run too
+                raise EngineError(
+                    f"step {step + 1}: the engine's log-probabilities of the sampled tokens differ from the trainer's by "
+                    f"{mean:.4g} nats on average (largest {gap_max:.4g}), above grpo.max_logprob_diff={limit}",
+                    hint="the engine is not sampling from the model being trained: the weights pushed into it after "
+                    "each step are wrong (a weight-sync bug), or its numerics differ from the trainer's (engine.dtype, "
+                    "kernels, quantisation); raise grpo.max_logprob_diff, or set it to null, only if such a gap is expected")
+            return mean, gap_max
         started = time.perf_counter()
-        engine.load_weights(engine_weights(model, cfg.lora))
-        return time.perf_counter() - started
+        last: dict[str, Any] = {}
 
-    # --- resume
-    start_step = 0
-    latest = run_dir.latest_checkpoint()
-    if latest is not None:
-        state = training.load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler, dist=dist)
-        start_step = state["step"]
-        log(f"resumed from {latest.name}: continuing at step {start_step}")
-        push_weights()
-    if dist.is_main:
-        run_dir.truncate_metrics(start_step)
+        with progress("grpo", total_steps) as advance:
+            advance(start_step)
+            for step in range(start_step, total_steps):
+                record: dict[str, Any] = {"step": step + 1}
+                # 1. rollouts (this process's share of the step's prompts)
+                t0 = time.perf_counter()
+                chosen = plan.indices(step)[dist.rank::dist.world]
+                prompts = [rows[i]["messages"] for i in chosen]
+                step_sampling = sampling.model_copy(update={"seed": cfg.train.seed + step})
+                if tp_group is None:
+                    samples = engine.generate(prompts, step_sampling, prompt_seeds=chosen)
+                else:  # a tensor-parallel engine: its processes generate the group's prompts together
+                    shares: list[Any] = [None] * tp
+                    torch.distributed.all_gather_object(shares, chosen, group=tp_group)
+                    together = [i for share in shares for i in share]
+                    outputs = engine.generate([rows[i]["messages"] for i in together], step_sampling, prompt_seeds=together)
+                    offset = sum(len(share) for share in shares[:dist.rank % tp])
+                    samples = outputs[offset:offset + len(chosen)]
+                engine.sleep()  # vLLM sleep mode: its memory goes to the trainer until the next push
+                gen_s = time.perf_counter() - t0
 
-    def save(step: int) -> None:
-        training.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                 trainer_state={"rollout_step": step}, dist=dist,
-                                 keep_last=cfg.output.keep_last_checkpoints, hf=cfg.output.save_hf_checkpoints,
-                                 tokenizer=tokenizer, lora=cfg.lora, chat_template=tokenizer.chat_template)
+                # 2. rewards
+                t0 = time.perf_counter()
+                items: list[dict[str, Any]] = []
+                for idx, messages, group in zip(chosen, prompts, samples):
+                    for s in group:
+                        items.append({"prompt_ids": rows[idx]["prompt_ids"], "completion_ids": list(s.token_ids),
+                                      "text": s.text, "answer": rows[idx]["answer"], "truncated": s.finish_reason == "length",
+                                      "engine_logprobs": s.logprobs, "prompt": messages[-1]["content"]})
+                totals, per_fn = cfg.rewards.compute([it["prompt"] for it in items], [it["text"] for it in items],
+                                                     [it["answer"] for it in items])
+                reward_s = time.perf_counter() - t0
 
-    def ref_context():
-        if cfg.lora.enabled:
-            return training.unwrap(model).disable_adapter()
-        return contextlib.nullcontext()
+                # 3. advantages and masks
+                advantages, flat = group_advantages(totals, g.group_size, cfg.std_scaling)
+                for k, it in enumerate(items):
+                    it["advantage"] = advantages[k]
+                    it["reward"] = totals[k]
+                    it["active"] = not ((g.filter_groups and flat[k]) or (g.mask_truncated and it["truncated"]))
 
-    def logprobs_of(items: list[dict[str, Any]], which) -> list[list[float]]:
-        out: list[list[float]] = []
-        with torch.no_grad(), training.autocast(cfg.train, dist, which):
-            for i in range(0, len(items), cfg.train.micro_batch_size):
-                chunk = items[i:i + cfg.train.micro_batch_size]
-                batch = build_batch(chunk, tokenizer.pad_token_id, dist.device)
-                lp, _ = completion_logprobs(which, batch, g.temperature)
-                out += [lp[r, :len(it["completion_ids"])].tolist() for r, it in enumerate(chunk)]
-        return out
+                # 4. optimisation
+                t0 = time.perf_counter()
+                model.eval()
+                # logp_old: the trainer's log-probs of the rollout before any update of this step. With one
+                # optimiser step per rollout they are the first forward's (detached); otherwise one extra pass.
+                reuse_old = g.epochs * g.mini_batches == 1
+                old = None if reuse_old else logprobs_of(items, model)
+                refs = None
+                if g.beta > 0:
+                    with ref_context():
+                        refs = logprobs_of(items, ref_model if ref_model is not None else model)
+                model.train()
+                local_stats = {"kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0.0, "active_tokens": 0.0, "loss": 0.0}
+                meter = MismatchMeter()
+                gap: tuple[float | None, float] | None = None
+                if not reuse_old:
+                    # the engine/trainer gap and the gate come before the first of several optimiser steps
+                    for m in range(0, len(items), cfg.train.micro_batch_size):
+                        chunk = items[m:m + cfg.train.micro_batch_size]
+                        lengths = torch.tensor([len(it["completion_ids"]) for it in chunk])
+                        old_t = _pad_rows(old[m:m + len(chunk)], torch.zeros(len(chunk), int(lengths.max())))
+                        active = (torch.arange(old_t.shape[1])[None, :] < lengths[:, None]).float() * torch.tensor(
+                            [float(it["active"]) for it in chunk])[:, None]
+                        weigh(chunk, old_t, active, meter)
+                    gap = check_gap(meter, step)
+                grad_norm = 0.0
+                order_rng = random.Random(cfg.train.seed * 1_000_003 + step)
+                for epoch in range(g.epochs):
+                    order = list(range(len(items)))
+                    if g.epochs > 1 or g.mini_batches > 1:
+                        order_rng.shuffle(order)
+                    size = len(order) // g.mini_batches
+                    for mb in range(g.mini_batches):
+                        part = order[mb * size:(mb + 1) * size]
+                        active = [i for i in part if items[i]["active"]]
+                        n_seq, n_tok = dist.all_reduce_sum([len(active), sum(len(items[i]["completion_ids"]) for i in active)])
+                        for m in range(0, len(part), cfg.train.micro_batch_size):
+                            chunk_ids = part[m:m + cfg.train.micro_batch_size]
+                            chunk = [items[i] for i in chunk_ids]
+                            batch = build_batch(chunk, tokenizer.pad_token_id, dist.device)
+                            mask = batch["completion_mask"] * torch.tensor([float(it["active"]) for it in chunk],
+                                                                          device=dist.device)[:, None]
+                            first = epoch == 0  # statistics of the rollout policy: the first pass only
+                            with training.autocast(cfg.train, dist, model):
+                                logps, ent = completion_logprobs(model, batch, g.temperature, entropy=epoch == 0)
+                            old_t = logps.detach() if reuse_old else _pad_rows([old[i] for i in chunk_ids], logps)
+                            weights = weigh(chunk, old_t, mask, meter if reuse_old else None)
+                            ref_t = _pad_rows([refs[i] for i in chunk_ids], logps) if refs is not None else None
+                            adv = torch.tensor([it["advantage"] for it in chunk], device=dist.device)
+                            terms = token_losses(logps, old_t, adv, mask, epsilon_low=eps_low, epsilon_high=eps_high,
+                                                 beta=g.beta, ref_logps=ref_t, is_weights=weights)
+                            loss = aggregate(terms["loss"], mask, g.loss_type, num_sequences=n_seq, num_tokens=n_tok,
+                                             max_completion_len=g.max_completion_len)
+                            (loss * dist.world).backward()  # FSDP/DDP average over ranks; the loss is already global
+                            if first:
+                                full = batch["completion_mask"]
+                                local_stats["loss"] += float(loss.detach())
+                                local_stats["tokens"] += float(full.sum())
+                                local_stats["active_tokens"] += float(mask.sum())
+                                local_stats["clipped"] += float(terms["clipped"].sum())
+                                if terms["kl"] is not None:
+                                    local_stats["kl"] += float(terms["kl"].detach().sum())
+                                if ent is not None:
+                                    local_stats["entropy"] += float((ent * full).sum())
+                        if gap is None:  # one optimiser step per rollout: measured in its forwards, gated before it
+                            gap = check_gap(meter, step)
+                        grad_norm = training.clip_grad_norm(model, cfg.train.max_grad_norm)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                train_s = time.perf_counter() - t0
+                sync_s = push_weights()
 
-    sampling = SamplingConfig(n=g.group_size, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                              max_new_tokens=g.max_completion_len, stop=g.stop, logprobs=True)
-    reward_names = list(cfg.rewards.weights)
-    eps_low, eps_high = g.epsilon_low, cfg.epsilon_high
-    is_mode = resolve_is_correction(g.is_correction, backend)
-    log(f"mismatch correction: {is_mode}" + (f" ({g.is_level} level, cap {g.is_cap})" if is_mode != "none" else "")
-        + (f"; stop when the mean engine/trainer log-prob gap exceeds {g.max_logprob_diff}" if g.max_logprob_diff
-           else "; no gap check"))
-
-    def engine_rows(chunk: list[dict[str, Any]], like):
-        """The engine's log-probabilities of a micro-batch's sampled tokens, padded like `like` [B, T],
-        and the mask of the positions it reported."""
-        have = torch.zeros_like(like)
-        for r, it in enumerate(chunk):
-            if it["engine_logprobs"]:
-                have[r, :len(it["completion_ids"])] = 1.0
-            elif is_mode != "none" and it["completion_ids"]:
-                raise EngineError(f"the {backend} engine returned no log-probabilities, which grpo.is_correction="
-                                  f"{is_mode} needs", hint="set grpo.is_correction=none")
-        values = [(it["engine_logprobs"] or [])[:len(it["completion_ids"])] for it in chunk]
-        return _pad_rows(values, like), have
-
-    def weigh(chunk: list[dict[str, Any]], old_t, active, meter: MismatchMeter | None):
-        """IS weights of a micro-batch [B, T] (None when off) from the pre-update logp_old `old_t`;
-        with `meter`, the gap and the weights are measured into it."""
-        engine_t, have = engine_rows(chunk, old_t)
-        weights = hit = None
-        if is_mode != "none":
-            weights, hit = importance_weights(old_t, engine_t, have, mode=is_mode, level=g.is_level, cap=g.is_cap,
-                                              floor=cfg.is_floor)
-        if meter is not None:
-            meter.add(old_t, engine_t, have, active, weights, hit, sequence=g.is_level == "sequence")
-        return weights
-
-    def check_gap(meter: MismatchMeter, step: int) -> tuple[float | None, float]:
-        """The step's mean and largest gap over all processes; stops the run past grpo.max_logprob_diff."""
-        gap_sum, gap_tokens = dist.all_reduce_sum([meter.gap_sum, meter.gap_tokens])
-        (gap_max,) = _all_reduce_max(dist, [meter.gap_max])
-        mean = gap_sum / gap_tokens if gap_tokens else None
-        limit = g.max_logprob_diff
-        if limit is not None and mean is not None and not mean <= limit:  # a nan gap stops the run too
-            raise EngineError(
-                f"step {step + 1}: the engine's log-probabilities of the sampled tokens differ from the trainer's by "
-                f"{mean:.4g} nats on average (largest {gap_max:.4g}), above grpo.max_logprob_diff={limit}",
-                hint="the engine is not sampling from the model being trained: the weights pushed into it after "
-                "each step are wrong (a weight-sync bug), or its numerics differ from the trainer's (engine.dtype, "
-                "kernels, quantisation); raise grpo.max_logprob_diff, or set it to null, only if such a gap is expected")
-        return mean, gap_max
-    started = time.perf_counter()
-    last: dict[str, Any] = {}
-
-    with progress("grpo", total_steps) as advance:
-        advance(start_step)
-        for step in range(start_step, total_steps):
-            record: dict[str, Any] = {"step": step + 1}
-            # 1. rollouts (this process's share of the step's prompts)
-            t0 = time.perf_counter()
-            chosen = plan.indices(step)[dist.rank::dist.world]
-            prompts = [rows[i]["messages"] for i in chosen]
-            step_sampling = sampling.model_copy(update={"seed": cfg.train.seed + step})
-            if tp_group is None:
-                samples = engine.generate(prompts, step_sampling, prompt_seeds=chosen)
-            else:  # a tensor-parallel engine: its processes generate the group's prompts together
-                shares: list[Any] = [None] * tp
-                torch.distributed.all_gather_object(shares, chosen, group=tp_group)
-                together = [i for share in shares for i in share]
-                outputs = engine.generate([rows[i]["messages"] for i in together], step_sampling, prompt_seeds=together)
-                offset = sum(len(share) for share in shares[:dist.rank % tp])
-                samples = outputs[offset:offset + len(chosen)]
-            engine.sleep()  # vLLM sleep mode: its memory goes to the trainer until the next push
-            gen_s = time.perf_counter() - t0
-
-            # 2. rewards
-            t0 = time.perf_counter()
-            items: list[dict[str, Any]] = []
-            for idx, messages, group in zip(chosen, prompts, samples):
-                for s in group:
-                    items.append({"prompt_ids": rows[idx]["prompt_ids"], "completion_ids": list(s.token_ids),
-                                  "text": s.text, "answer": rows[idx]["answer"], "truncated": s.finish_reason == "length",
-                                  "engine_logprobs": s.logprobs, "prompt": messages[-1]["content"]})
-            totals, per_fn = cfg.rewards.compute([it["prompt"] for it in items], [it["text"] for it in items],
-                                                 [it["answer"] for it in items])
-            reward_s = time.perf_counter() - t0
-
-            # 3. advantages and masks
-            advantages, flat = group_advantages(totals, g.group_size, cfg.std_scaling)
-            for k, it in enumerate(items):
-                it["advantage"] = advantages[k]
-                it["reward"] = totals[k]
-                it["active"] = not ((g.filter_groups and flat[k]) or (g.mask_truncated and it["truncated"]))
-
-            # 4. optimisation
-            t0 = time.perf_counter()
-            model.eval()
-            # logp_old: the trainer's log-probs of the rollout before any update of this step. With one
-            # optimiser step per rollout they are the first forward's (detached); otherwise one extra pass.
-            reuse_old = g.epochs * g.mini_batches == 1
-            old = None if reuse_old else logprobs_of(items, model)
-            refs = None
-            if g.beta > 0:
-                with ref_context():
-                    refs = logprobs_of(items, ref_model if ref_model is not None else model)
-            model.train()
-            local_stats = {"kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0.0, "active_tokens": 0.0, "loss": 0.0}
-            meter = MismatchMeter()
-            gap: tuple[float | None, float] | None = None
-            if not reuse_old:
-                # the engine/trainer gap and the gate come before the first of several optimiser steps
-                for m in range(0, len(items), cfg.train.micro_batch_size):
-                    chunk = items[m:m + cfg.train.micro_batch_size]
-                    lengths = torch.tensor([len(it["completion_ids"]) for it in chunk])
-                    old_t = _pad_rows(old[m:m + len(chunk)], torch.zeros(len(chunk), int(lengths.max())))
-                    active = (torch.arange(old_t.shape[1])[None, :] < lengths[:, None]).float() * torch.tensor(
-                        [float(it["active"]) for it in chunk])[:, None]
-                    weigh(chunk, old_t, active, meter)
-                gap = check_gap(meter, step)
-            grad_norm = 0.0
-            order_rng = random.Random(cfg.train.seed * 1_000_003 + step)
-            for epoch in range(g.epochs):
-                order = list(range(len(items)))
-                if g.epochs > 1 or g.mini_batches > 1:
-                    order_rng.shuffle(order)
-                size = len(order) // g.mini_batches
-                for mb in range(g.mini_batches):
-                    part = order[mb * size:(mb + 1) * size]
-                    active = [i for i in part if items[i]["active"]]
-                    n_seq, n_tok = dist.all_reduce_sum([len(active), sum(len(items[i]["completion_ids"]) for i in active)])
-                    for m in range(0, len(part), cfg.train.micro_batch_size):
-                        chunk_ids = part[m:m + cfg.train.micro_batch_size]
-                        chunk = [items[i] for i in chunk_ids]
-                        batch = build_batch(chunk, tokenizer.pad_token_id, dist.device)
-                        mask = batch["completion_mask"] * torch.tensor([float(it["active"]) for it in chunk],
-                                                                      device=dist.device)[:, None]
-                        first = epoch == 0  # statistics of the rollout policy: the first pass only
-                        with training.autocast(cfg.train, dist, model):
-                            logps, ent = completion_logprobs(model, batch, g.temperature, entropy=epoch == 0)
-                        old_t = logps.detach() if reuse_old else _pad_rows([old[i] for i in chunk_ids], logps)
-                        weights = weigh(chunk, old_t, mask, meter if reuse_old else None)
-                        ref_t = _pad_rows([refs[i] for i in chunk_ids], logps) if refs is not None else None
-                        adv = torch.tensor([it["advantage"] for it in chunk], device=dist.device)
-                        terms = token_losses(logps, old_t, adv, mask, epsilon_low=eps_low, epsilon_high=eps_high,
-                                             beta=g.beta, ref_logps=ref_t, is_weights=weights)
-                        loss = aggregate(terms["loss"], mask, g.loss_type, num_sequences=n_seq, num_tokens=n_tok,
-                                         max_completion_len=g.max_completion_len)
-                        (loss * dist.world).backward()  # FSDP/DDP average over ranks; the loss is already global
-                        if first:
-                            full = batch["completion_mask"]
-                            local_stats["loss"] += float(loss.detach())
-                            local_stats["tokens"] += float(full.sum())
-                            local_stats["active_tokens"] += float(mask.sum())
-                            local_stats["clipped"] += float(terms["clipped"].sum())
-                            if terms["kl"] is not None:
-                                local_stats["kl"] += float(terms["kl"].detach().sum())
-                            if ent is not None:
-                                local_stats["entropy"] += float((ent * full).sum())
-                    if gap is None:  # one optimiser step per rollout: measured in its forwards, gated before it
-                        gap = check_gap(meter, step)
-                    grad_norm = training.clip_grad_norm(model, cfg.train.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-            train_s = time.perf_counter() - t0
-            sync_s = push_weights()
-
-            # 5. metrics (over all processes)
-            n_items = len(items)
-            sums = dist.all_reduce_sum([
-                n_items, sum(totals), sum(t * t for t in totals),
-                *[sum(per_fn[name]) for name in reward_names],
-                sum(len(it["completion_ids"]) for it in items), sum(it["truncated"] for it in items),
-                sum(flat) / g.group_size, sum(1 for it in items if it["active"]),
-                local_stats["tokens"], local_stats["active_tokens"], local_stats["clipped"], local_stats["kl"],
-                local_stats["entropy"], local_stats["loss"],
-                sum(per_fn["correctness"]) if "correctness" in per_fn else 0.0,
-                meter.weight_sum, meter.weight_count, meter.hits,
-            ])
-            count, r_sum, r_sq = sums[0], sums[1], sums[2]
-            fn_sums = sums[3:3 + len(reward_names)]
-            (len_sum, trunc, zero_groups, active_n, tok, active_tok, clipped, kl, entropy, loss_sum, correct,
-             weight_sum, weight_count, weight_hits) = sums[3 + len(reward_names):]
-            weight_max, neg_weight_min = _all_reduce_max(dist, [meter.weight_max, -meter.weight_min])
-            mean = r_sum / count
-            record.update({
-                "reward": mean, "reward_std": math.sqrt(max(r_sq / count - mean * mean, 0.0)),
-                **{f"reward/{name}": s / count for name, s in zip(reward_names, fn_sums)},
-                "completion_len": len_sum / count, "truncated_frac": trunc / count,
-                "zero_std_groups_frac": zero_groups / (count / g.group_size), "active_frac": active_n / count,
-                "clip_frac": clipped / max(active_tok, 1), "entropy": entropy / max(tok, 1), "loss": loss_sum / g.mini_batches,
-                "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                "generation_s": gen_s, "reward_s": reward_s, "train_s": train_s, "weight_sync_s": sync_s,
-                "elapsed_s": time.perf_counter() - started,
-            })
-            if "correctness" in per_fn:
-                record["accuracy"] = correct / count
-            if g.beta > 0:
-                record["kl"] = kl / max(active_tok, 1)
-            if gap[0] is not None:
-                record["logprob_diff"], record["logprob_diff_max"] = gap
-            if weight_count:
-                record.update({"is_weight_mean": weight_sum / weight_count, "is_weight_min": -neg_weight_min,
-                               "is_weight_max": weight_max,
-                               f"is_{'clipped' if is_mode == 'tis' else 'masked'}_frac": weight_hits / weight_count})
-            last = record
-            done = step + 1
-            if dist.is_main and (done % cfg.train.log_every_steps == 0 or done == total_steps):
-                run_dir.log_metrics(record)
-                if not console.is_terminal:
-                    acc = f" accuracy {record['accuracy']:.3f}" if "accuracy" in record else ""
-                    log(f"step {done}/{total_steps} reward {mean:.3f}{acc} len {record['completion_len']:.1f} "
-                        f"gen {gen_s:.1f}s train {train_s:.1f}s")
-            advance(1, reward=f"{mean:.3f}")
-            if cfg.output.save_every_steps and done % cfg.output.save_every_steps == 0 and done != total_steps:
-                save(done)
+                # 5. metrics (over all processes)
+                n_items = len(items)
+                sums = dist.all_reduce_sum([
+                    n_items, sum(totals), sum(t * t for t in totals),
+                    *[sum(per_fn[name]) for name in reward_names],
+                    sum(len(it["completion_ids"]) for it in items), sum(it["truncated"] for it in items),
+                    sum(flat) / g.group_size, sum(1 for it in items if it["active"]),
+                    local_stats["tokens"], local_stats["active_tokens"], local_stats["clipped"], local_stats["kl"],
+                    local_stats["entropy"], local_stats["loss"],
+                    sum(per_fn["correctness"]) if "correctness" in per_fn else 0.0,
+                    meter.weight_sum, meter.weight_count, meter.hits,
+                ])
+                count, r_sum, r_sq = sums[0], sums[1], sums[2]
+                fn_sums = sums[3:3 + len(reward_names)]
+                (len_sum, trunc, zero_groups, active_n, tok, active_tok, clipped, kl, entropy, loss_sum, correct,
+                 weight_sum, weight_count, weight_hits) = sums[3 + len(reward_names):]
+                weight_max, neg_weight_min = _all_reduce_max(dist, [meter.weight_max, -meter.weight_min])
+                mean = r_sum / count
+                record.update({
+                    "reward": mean, "reward_std": math.sqrt(max(r_sq / count - mean * mean, 0.0)),
+                    **{f"reward/{name}": s / count for name, s in zip(reward_names, fn_sums)},
+                    "completion_len": len_sum / count, "truncated_frac": trunc / count,
+                    "zero_std_groups_frac": zero_groups / (count / g.group_size), "active_frac": active_n / count,
+                    "clip_frac": clipped / max(active_tok, 1), "entropy": entropy / max(tok, 1), "loss": loss_sum / g.mini_batches,
+                    "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                    "generation_s": gen_s, "reward_s": reward_s, "train_s": train_s, "weight_sync_s": sync_s,
+                    "elapsed_s": time.perf_counter() - started,
+                })
+                if "correctness" in per_fn:
+                    record["accuracy"] = correct / count
+                if g.beta > 0:
+                    record["kl"] = kl / max(active_tok, 1)
+                if gap[0] is not None:
+                    record["logprob_diff"], record["logprob_diff_max"] = gap
+                if weight_count:
+                    record.update({"is_weight_mean": weight_sum / weight_count, "is_weight_min": -neg_weight_min,
+                                   "is_weight_max": weight_max,
+                                   f"is_{'clipped' if is_mode == 'tis' else 'masked'}_frac": weight_hits / weight_count})
+                last = record
+                done = step + 1
+                if dist.is_main and (done % cfg.train.log_every_steps == 0 or done == total_steps):
+                    run_dir.log_metrics(record)
+                    if not console.is_terminal:
+                        acc = f" accuracy {record['accuracy']:.3f}" if "accuracy" in record else ""
+                        log(f"step {done}/{total_steps} reward {mean:.3f}{acc} len {record['completion_len']:.1f} "
+                            f"gen {gen_s:.1f}s train {train_s:.1f}s")
+                advance(1, reward=f"{mean:.3f}")
+                if cfg.output.save_every_steps and done % cfg.output.save_every_steps == 0 and done != total_steps:
+                    save(done)
+    finally:
+        engine.close()  # also on an error: a vLLM engine holds processes, memory and process groups
     train_seconds = time.perf_counter() - started
-    engine.close()
 
     if start_step < total_steps or run_dir.latest_checkpoint() is None:
         save(total_steps)

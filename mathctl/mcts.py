@@ -321,7 +321,10 @@ class Searcher:
         Returns the new children (already attached); values are left to the caller."""
         if not targets:
             return []
-        prompts = [tree.prompt + node.path_text() for tree, node in targets]
+        from mathctl.engines import ChatText
+
+        # the rendered question and the steps so far: tokenised as rendered (one BOS, the template's)
+        prompts = [ChatText(tree.prompt + node.path_text()) for tree, node in targets]
         seeds = [node_seed(tree, node) for tree, node in targets]
         outputs = self.cb.generate(prompts, seeds, self._sampling(n, temperature))
         self.stats.engine_calls += 1

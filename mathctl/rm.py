@@ -583,19 +583,25 @@ class RewardScorer:
     def _head(self, prompt: str, raw_prompt: bool) -> str:
         return prompt if raw_prompt else render_prompt(self.tokenizer, prompt, self.template)
 
+    def encode(self, prompt: str, steps: list[str], *, raw_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """Token ids of a trajectory and the positions its steps' scores are read at. A prompt rendered
+        here, or given as a `ChatText`, is tokenised as its template wrote it (as in training); a raw
+        text prompt as the policy's engine tokenised it (with the tokenizer's BOS, one at most)."""
+        from mathctl.engines import ChatText, adds_special_tokens
+
+        head = self._head(prompt, raw_prompt)
+        text = head + "".join(steps)
+        add = raw_prompt and not isinstance(prompt, ChatText) and adds_special_tokens(self.tokenizer, head)
+        enc = self.tokenizer(text, add_special_tokens=add, return_offsets_mapping=True)
+        ends, pos = [], len(head)
+        for step in steps:
+            ends.append(pos + score_end(step))
+            pos += len(step)
+        return enc["input_ids"], _positions_for_ends(enc["offset_mapping"], ends)
+
     def score_many(self, items: list[tuple[str, list[str]]], *, raw_prompt: bool = False) -> list[list[float]]:
-        """Per-step values of many (prompt, steps) trajectories."""
-        encoded = []
-        for prompt, steps in items:
-            head = self._head(prompt, raw_prompt)
-            text = head + "".join(steps)
-            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            ends, pos = [], len(head)
-            for step in steps:
-                ends.append(pos + score_end(step))
-                pos += len(step)
-            positions = _positions_for_ends(enc["offset_mapping"], ends)
-            encoded.append((enc["input_ids"], positions))
+        """Per-step values of many (prompt, steps) trajectories (tokenised by `encode`)."""
+        encoded = [self.encode(prompt, steps, raw_prompt=raw_prompt) for prompt, steps in items]
         out: list[list[float]] = [[] for _ in items]
         order = sorted(range(len(items)), key=lambda i: -len(encoded[i][0]))
         with self._torch.no_grad():
@@ -674,6 +680,8 @@ def make_eval_scorer(path: str, aggregate: str = "last", batch_size: int = 16):
     """An `evaluate.run` scorer: each sample's response is split into steps and scored by the
     process reward model; the sample's score is its last step's value or the minimum (`aggregate`).
     An outcome model scores the whole response."""
+    from mathctl.engines import ChatText
+
     scorer = RewardScorer.from_pretrained(path, batch_size=batch_size)
     meta_path = Path(path) / RM_META
     kind = json.loads(meta_path.read_text()).get("kind", "process") if meta_path.is_file() else "process"
@@ -682,8 +690,8 @@ def make_eval_scorer(path: str, aggregate: str = "last", batch_size: int = 16):
         items = []
         for prompt, group in zip(prompts, samples):
             # the policy's prompt as it saw it: raw text, or chat messages rendered by the RM's template
-            text = prompt if isinstance(prompt, str) else scorer.tokenizer.apply_chat_template(
-                prompt, tokenize=False, add_generation_prompt=True)
+            text = prompt if isinstance(prompt, str) else ChatText(scorer.tokenizer.apply_chat_template(
+                prompt, tokenize=False, add_generation_prompt=True))
             for sample in group:
                 steps = [sample.text] if kind == "outcome" else (split_steps(sample.text) or [sample.text])
                 items.append((text, steps))

@@ -115,23 +115,36 @@ def sample_seed(seed: int, prompt_seed: int, index: int) -> int:
     return x & (2**63 - 1)
 
 
-__all__ = ["Engine", "Prompt", "Sample", "check_prompts", "encode_prompts", "encode_text", "finish_sample", "make_engine",
+__all__ = ["ChatText", "Engine", "Prompt", "Sample", "adds_special_tokens", "check_prompts", "encode_prompts", "encode_text", "finish_sample", "make_engine",
            "resolve_backend", "sample_seed", "vllm_available"]
 
 
-def encode_text(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of `text` with the tokenizer's usual special tokens, but one BOS at most: a text that
-    already starts with the BOS token (a chat template that writes `{{ bos_token }}`, as llama3 and
-    tulu do) is tokenised without adding another."""
+class ChatText(str):
+    """A prompt already rendered by a chat template (MCTS continues one as a string): tokenised as
+    the template wrote it, no special tokens added, exactly like the message list it came from."""
+
+    __slots__ = ()
+
+
+def adds_special_tokens(tokenizer: Any, text: str) -> bool:
+    """Whether `text` is tokenised with the tokenizer's special tokens: never for a `ChatText` (the
+    template wrote its own, e.g. llama3's and tulu's `{{ bos_token }}`), and for plain text unless it
+    starts with the BOS token already. Either way a prompt carries one BOS at most."""
+    if isinstance(text, ChatText):
+        return False
     bos = getattr(tokenizer, "bos_token", None)
-    add = not (bos and text.startswith(bos))
-    return list(tokenizer(text, add_special_tokens=add)["input_ids"])
+    return not (bos and text.startswith(bos))
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a string prompt (see `adds_special_tokens`)."""
+    return list(tokenizer(text, add_special_tokens=adds_special_tokens(tokenizer, text))["input_ids"])
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[int]]:
-    """Token ids of each prompt: strings through `encode_text` (a chat-rendered string keeps the one
-    BOS its template wrote), message lists through the installed chat template with the assistant
-    header appended (tokenised as rendered: the template decides the special tokens)."""
+    """Token ids of each prompt: strings through `encode_text`, message lists through the installed
+    chat template with the assistant header appended, tokenised as rendered (the template decides the
+    special tokens; a `ChatText` of the same rendering gives the same ids)."""
     out = []
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, str):

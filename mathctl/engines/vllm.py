@@ -79,6 +79,7 @@ class VLLMEngine:
         self.sleep_enabled = bool(cuda and (config.sleep_mode if config.sleep_mode is not None else colocated))
         self._asleep: str | None = None  # None, "all" (weights and KV cache released) or "kv_cache"
         self._names: set[str] | None = None
+        self._set_env: list[str] = []
 
         kwargs: dict[str, Any] = dict(
             model=path, tokenizer=tokenizer_path, revision=model_spec.revision,
@@ -103,6 +104,8 @@ class VLLMEngine:
         else:
             kwargs["seed"] = 0
 
+        if not cuda:
+            _check_cpu_head_size(path, model_spec)
         from vllm import LLM
 
         previous_device = torch.cuda.current_device() if cuda else None
@@ -144,7 +147,9 @@ class VLLMEngine:
 
             for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                                ("MASTER_PORT", str(free_port()))):
-                os.environ.setdefault(key, value)
+                if key not in os.environ:
+                    os.environ[key] = value
+                    self._set_env.append(key)  # removed again on close
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         tp = config.tensor_parallel_size
@@ -179,7 +184,13 @@ class VLLMEngine:
         requests = [{"prompt_token_ids": ids} for ids in encoded]
         params = [self._params(sampling, seed, min(sampling.max_new_tokens, self.max_model_len - len(ids)))
                   for seed, ids in zip(seeds, encoded)]
-        outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
+        try:
+            outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
+        except RuntimeError as exc:
+            if "Unsupported CPU attention configuration" not in str(exc):
+                raise
+            raise EngineError(f"vLLM's CPU backend cannot serve this model: {_first_line(exc)}",
+                              hint="use engine.backend=hf on this machine") from None
         stops = [s for s in sampling.stop if s]
         results = []
         for output in outputs:
@@ -278,6 +289,9 @@ class VLLMEngine:
         else:
             client.shutdown()  # in-process, this also removes the process group vLLM created
         self.llm = None
+        for key in self._set_env:
+            os.environ.pop(key, None)
+        self._set_env = []
         gc.collect()
         import torch
 
@@ -321,6 +335,23 @@ def _layer_buckets(stream: Iterable[tuple[str, Any]], limit: int):
         layer = this
     if bucket:
         yield bucket
+
+
+def _check_cpu_head_size(path: str, spec: ModelSpec) -> None:
+    """vLLM's CPU attention takes a fixed list of head sizes; say so before building, not at the first
+    forward pass (where it fails inside the engine core)."""
+    from transformers import AutoConfig
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    config = AutoConfig.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    text = getattr(config, "text_config", None) or config
+    heads = getattr(text, "num_attention_heads", None)
+    head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else None)
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim is not None and head_dim not in supported:
+        raise EngineError(f"vLLM's CPU backend cannot serve {path}: attention head size {head_dim} (it takes "
+                          f"{', '.join(map(str, supported))})",
+                          hint="use engine.backend=hf on this machine (or a GPU for vLLM)")
 
 
 def _generation_config(path: str, spec: ModelSpec):

