@@ -356,9 +356,12 @@ def round_summary(folder: Path, mode: str) -> dict[str, Any]:
 # --- rounds ---------------------------------------------------------------------------------------
 
 
-def run_substep(step: str, recipe: str, overrides: list[str], settings: dict[str, Any], folder: Path) -> dict[str, Any]:
+def run_substep(step: str, recipe: str, overrides: list[str], settings: dict[str, Any], folder: Path, *,
+                rows: int | None = None) -> dict[str, Any]:
     """Run `mathctl STEP --recipe RECIPE OVERRIDES --run-dir FOLDER` in this process (or through its
-    launcher), resuming an unfinished folder and skipping a finished one."""
+    launcher), resuming an unfinished folder and skipping a finished one. `rows`: how many training
+    rows the data holds (an sft round's traces), so that a round with fewer than one optimiser step
+    needs trains on smaller micro-batches instead of stopping the rounds."""
     from mathctl.core import launch as launching
     from mathctl.core.config import dump_yaml, load_recipe
     from mathctl.worker import step_module
@@ -369,6 +372,8 @@ def run_substep(step: str, recipe: str, overrides: list[str], settings: dict[str
         return done
     module, config_cls = step_module(step)
     cfg, _ = load_recipe(step, config_cls, recipe, overrides, settings)
+    if rows is not None:
+        cfg = _fit_micro_batch(cfg, rows, step)
     resume = (folder / "recipe.yaml").is_file()
     run = RunDir.create(folder, recipe_yaml=dump_yaml(cfg), step=step, resume=resume, seeds=cfg.seeds())
     log(f"{step}: run folder {folder}" + (" (resumed)" if resume else ""))
@@ -380,6 +385,18 @@ def run_substep(step: str, recipe: str, overrides: list[str], settings: dict[str
         return json.loads(run.summary_path.read_text())
     with run.failing():
         return module.run(cfg, run)
+
+
+def _fit_micro_batch(cfg: Any, rows: int, step: str) -> Any:
+    train_rows = rows - (getattr(cfg.data, "eval_rows", 0) or 0)
+    per_micro_batch = cfg.train.grad_accum_steps * cfg.launch.num_processes
+    size = cfg.train.micro_batch_size
+    if train_rows >= size * per_micro_batch or train_rows < per_micro_batch:
+        return cfg  # enough rows, or too few for any step (the step itself says so)
+    fitted = train_rows // per_micro_batch
+    log(f"{step}: {train_rows} training rows, fewer than one optimiser step of micro-batches of {size}: "
+        f"train.micro_batch_size={fitted} for this round")
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": fitted})})
 
 
 def _with_overrides(cfg: MCTSConfig, overrides: list[str]) -> MCTSConfig:
@@ -420,7 +437,7 @@ def run_rounds(cfg: MCTSConfig, run_dir: RunDir, problems: list[dict[str, Any]])
         start = policy if r.sft_init == "previous" else r.base_model
         sft_summary = run_substep("sft", r.sft_recipe, r.sft_overrides, {
             "model.path": start, "data.source": str(folder / "sft.jsonl"), "data.prompt_field": "problem",
-            "data.response_field": "response", **shared}, folder / "sft")
+            "data.response_field": "response", **shared}, folder / "sft", rows=summary["sft_rows"])
         policy = sft_summary.get("final_dir") or str(folder / "sft" / "final")
         if summary["ppm_pairs"] == 0:
             log(f"round {k}: no PPM pairs; the next round keeps {'PPM ' + prm if prm else 'no PPM'}")

@@ -103,3 +103,49 @@ def sft_policy(quickstart_pipeline) -> Path:
     """The quickstart SFT policy (`mathctl sft --recipe quickstart-sft` on the pipeline's synthetic data
     and tiny model, the same as the recipe's own): the starting point of the lifecycle tests."""
     return quickstart_pipeline[0] / "5-sft" / "final"
+
+
+# --- vLLM tests (tests/vllm, marked `vllm`; run by tests/vllm/run in .venv-vllm) ------------------
+# Their fixtures live here, not in a tests/vllm/conftest.py: a second `conftest` module would shadow
+# this one for the `from conftest import ...` lines of the other tests.
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _vllm_environment(request):
+    """For a session that runs vLLM tests: vLLM must import (a broken environment fails the run, it
+    never skips), and engines built inside the test process run in-process
+    (`VLLM_ENABLE_V1_MULTIPROCESSING=0`; vLLM's default starts a child process per engine, 3x slower to
+    start on 2 cores). The CLI tests and one weight-sync test run the multiprocess mode explicitly."""
+    if not any(item.get_closest_marker("vllm") for item in request.session.items):
+        return
+    import vllm  # noqa: F401
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+@pytest.fixture(scope="session")
+def vllm_base_model(tmp_path_factory) -> Path:
+    """A random Qwen2 whose head size (64) vLLM's CPU attention takes (`tiny:qwen2-vllm`)."""
+    from mathctl.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("vllm-base") / "model", "qwen2-vllm", seed=0)
+
+
+@pytest.fixture(scope="session")
+def vllm_model(vllm_base_model, tmp_path_factory) -> Path:
+    """That model with its matrices perturbed, so greedy decoding varies from token to token (as
+    `lively_model`); pushing the base model's weights into it changes every output."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(vllm_base_model)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.15)
+    out = tmp_path_factory.mktemp("vllm-lively") / "model"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(vllm_base_model).save_pretrained(out)
+    return out

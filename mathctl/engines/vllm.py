@@ -118,6 +118,7 @@ class VLLMEngine:
         try:
             self.llm = LLM(**kwargs)
         except (ValueError, RuntimeError) as exc:
+            self._restore_env()
             raise EngineError(f"vLLM could not start on {path}: {_first_line(exc)}",
                               hint="check engine.* (gpu_memory_utilization, max_model_len, kv_cache_gb, dtype); "
                               "vLLM's log above has the details") from None
@@ -277,6 +278,11 @@ class VLLMEngine:
             self._asleep = None
 
     # --- shutdown ---------------------------------------------------------------------------------
+    def _restore_env(self) -> None:
+        for key in self._set_env:
+            os.environ.pop(key, None)
+        self._set_env = []
+
     def close(self) -> None:
         """Shut the engine down for real: its engine core (and processes), its workers, and vLLM's
         process groups, so that another engine or a trainer can start in this process. A colocated
@@ -289,9 +295,7 @@ class VLLMEngine:
         else:
             client.shutdown()  # in-process, this also removes the process group vLLM created
         self.llm = None
-        for key in self._set_env:
-            os.environ.pop(key, None)
-        self._set_env = []
+        self._restore_env()
         gc.collect()
         import torch
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.vllm  # run in .venv-vllm by tests/vllm/run; not in the default run
+
 BENCH = Path(__file__).resolve().parents[3] / "shared" / "data" / "benchmarks"
 
 

@@ -15,6 +15,8 @@ from mathctl.core.errors import EngineError
 from mathctl.engines import encode_prompts, resolve_backend
 from mathctl.engines.hf import HFEngine
 
+pytestmark = pytest.mark.vllm  # run in .venv-vllm by tests/vllm/run; not in the default run
+
 # 16 raw prompts of varied lengths and 4 chat conversations
 PROMPTS = [f"Tom has {i} apples and buys {3 * i + 1} more. How many?" + " Think." * (i % 4) for i in range(16)] + [
     [{"role": "user", "content": f"What is {i} + {i * 7}?"}] for i in range(4)

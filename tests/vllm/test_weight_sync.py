@@ -20,6 +20,8 @@ from mathctl.core.config import EngineConfig, ModelSpec, SamplingConfig
 from mathctl.core.errors import EngineError
 from mathctl.engines.hf import HFEngine
 
+pytestmark = pytest.mark.vllm  # run in .venv-vllm by tests/vllm/run; not in the default run
+
 PROMPTS = [f"What is {i} + {2 * i}? Tom has" for i in range(8)] + [[{"role": "user", "content": "Add 3 and 4."}]]
 GREEDY = SamplingConfig(max_new_tokens=16, logprobs=True)
 
