@@ -66,23 +66,60 @@ def quick_overrides(model: Path, *extra: str) -> list[str]:
     ]
 
 
+def perturbed_copy(source: Path, out: Path, std: float = 0.15, seed: int = 1) -> Path:
+    """`source`'s model with Gaussian noise added to every matrix, saved with its tokenizer at `out`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.add_(torch.randn(param.shape, generator=gen) * std)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return out
+
+
+def noisy_weights(push, std: float = 0.1):
+    """An `engine_weights` that adds noise to every matrix it streams (a broken weight sync)."""
+    import torch
+
+    def wrong(model, lora):
+        gen = torch.Generator().manual_seed(0)
+        for name, value in push(model, lora):
+            yield name, value + torch.randn(value.shape, generator=gen) * std if value.dim() == 2 else value
+
+    return wrong
+
+
+def teacher_forced_logprobs(model, prompt_ids: list[int], token_ids: list[int], temperature: float,
+                            top_k: int | None = None, top_p: float = 1.0) -> list[float]:
+    """log p of each sampled token under the distribution it was drawn from (after temperature, top-k,
+    top-p), from one forward pass over prompt + completion."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + token_ids])).logits[0].float() / temperature
+    if top_k:  # the k most likely tokens, renormalised
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:  # the nucleus: tokens whose higher-ranked mass is within top_p
+        probs = torch.softmax(logits, -1)
+        ordered, _ = torch.sort(probs, dim=-1, descending=True)
+        before = ordered.cumsum(-1) - ordered
+        cutoff = ordered.masked_fill(before > top_p, 2.0).min(-1, keepdim=True).values
+        logits = logits.masked_fill(probs < cutoff, float("-inf"))
+    lp = torch.log_softmax(logits, -1)
+    return [lp[len(prompt_ids) - 1 + k, tok].item() for k, tok in enumerate(token_ids)]
+
+
 @pytest.fixture(scope="session")
 def lively_model(tiny_model, tmp_path_factory) -> Path:
     """The tiny model with its matrices perturbed, so greedy decoding varies from token to token
     (a fresh random tiny model repeats one token, which hides ordering and padding bugs)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.add_(torch.randn(param.shape, generator=gen) * 0.15)
-    out = tmp_path_factory.mktemp("lively") / "model"
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
-    return out
+    return perturbed_copy(tiny_model, tmp_path_factory.mktemp("lively") / "model")
 
 
 @pytest.fixture(scope="session")
@@ -136,16 +173,4 @@ def vllm_base_model(tmp_path_factory) -> Path:
 def vllm_model(vllm_base_model, tmp_path_factory) -> Path:
     """That model with its matrices perturbed, so greedy decoding varies from token to token (as
     `lively_model`); pushing the base model's weights into it changes every output."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(vllm_base_model)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.add_(torch.randn(param.shape, generator=gen) * 0.15)
-    out = tmp_path_factory.mktemp("vllm-lively") / "model"
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(vllm_base_model).save_pretrained(out)
-    return out
+    return perturbed_copy(vllm_base_model, tmp_path_factory.mktemp("vllm-lively") / "model")

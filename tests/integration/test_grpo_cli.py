@@ -165,19 +165,13 @@ def test_wrong_weights_in_the_engine_stop_the_run(lively_model, tmp_path, monkey
     sync would do): step 2's samples come from another model, the engine/trainer log-prob gap jumps from
     ~1e-6 to about 2 nats (measured; noise of std 0.02 already gives 0.5), and the run stops with exit 2
     and one `error:` line before the optimiser updates on them."""
-    import torch
+
+    from conftest import noisy_weights
 
     from mathctl import grpo
     from mathctl.cli import main
 
-    push = grpo.engine_weights
-
-    def wrong_weights(model, lora):
-        gen = torch.Generator().manual_seed(0)
-        for name, value in push(model, lora):
-            yield name, value + torch.randn(value.shape, generator=gen) * 0.1 if value.dim() == 2 else value
-
-    monkeypatch.setattr(grpo, "engine_weights", wrong_weights)
+    monkeypatch.setattr(grpo, "engine_weights", noisy_weights(grpo.engine_weights))
     run = tmp_path / "wrong"
     code = main(["grpo", *_quick(lively_model, "train.max_steps=3", "output.save_every_steps=null", "output.plots=false"),
                  "--run-dir", str(run)])

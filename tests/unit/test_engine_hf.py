@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import teacher_forced_logprobs
 
 from mathctl.core.config import EngineConfig, ModelSpec, SamplingConfig
 from mathctl.engines import encode_prompts, make_engine, resolve_backend, sample_seed
@@ -55,20 +56,7 @@ def test_logprobs_match_teacher_forcing(engine, top_k, top_p):
     outs = engine.generate(PROMPTS[:2], sampling)
     for ids, samples in zip(encode_prompts(engine.tokenizer, PROMPTS[:2]), outs):
         for sample in samples:
-            full = torch.tensor([ids + sample.token_ids])
-            with torch.no_grad():
-                logits = engine.model(full).logits[0].float() / 0.7
-            if top_k:  # the distribution the token was drawn from: the top 50 renormalised
-                kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            if top_p < 1:  # the nucleus: tokens whose higher-ranked mass is within top_p
-                probs = torch.softmax(logits, -1)
-                sorted_probs, _ = torch.sort(probs, dim=-1, descending=True)
-                before = sorted_probs.cumsum(-1) - sorted_probs
-                cutoff = sorted_probs.masked_fill(before > top_p, 2.0).min(-1, keepdim=True).values
-                logits = logits.masked_fill(probs < cutoff, float("-inf"))
-            lp = torch.log_softmax(logits, -1)
-            expected = [lp[len(ids) - 1 + k, tok].item() for k, tok in enumerate(sample.token_ids)]
+            expected = teacher_forced_logprobs(engine.model, ids, sample.token_ids, 0.7, top_k, top_p)
             assert sample.logprobs == pytest.approx(expected, abs=1e-4)
 
 

@@ -110,20 +110,13 @@ def test_wrong_weights_in_the_vllm_engine_stop_the_run(vllm_model, tmp_path, mon
     """One process, the engine colocated in it: the push after step 1 carries noise, so step 2's
     samples come from another model, the gap jumps far over grpo.max_logprob_diff and the run stops
     with exit 2 and one `error:` line; the engine is shut down on the way out (no process group left)."""
-    import torch
     import torch.distributed as dist
+    from conftest import noisy_weights
 
     from mathctl import grpo
     from mathctl.cli import main
 
-    push = grpo.engine_weights
-
-    def wrong_weights(model, lora):
-        gen = torch.Generator().manual_seed(0)
-        for name, value in push(model, lora):
-            yield name, value + torch.randn(value.shape, generator=gen) * 0.1 if value.dim() == 2 else value
-
-    monkeypatch.setattr(grpo, "engine_weights", wrong_weights)
+    monkeypatch.setattr(grpo, "engine_weights", noisy_weights(grpo.engine_weights))
     run = tmp_path / "wrong"
     code = main([*_grpo(vllm_model, "train.max_steps=3", "output.save_every_steps=null"), "--run-dir", str(run)])
     err = capsys.readouterr().err

@@ -7,8 +7,11 @@ pass, and text, finish and stop reasons must come out the same for stop strings 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from conftest import teacher_forced_logprobs
 
 from mathctl.core.config import EngineConfig, ModelSpec, SamplingConfig
 from mathctl.core.errors import EngineError
@@ -46,25 +49,6 @@ def test_greedy_token_ids_are_identical(engines):
     assert len({tuple(s[0].token_ids) for s in got}) > 10  # the model really varies its output
 
 
-def _teacher_forced(model, prompt_ids, sample, temperature, top_k, top_p):
-    """log p of each sampled token under the distribution it was drawn from (after temperature,
-    top-k, top-p), from one forward pass over prompt + completion."""
-    full = torch.tensor([prompt_ids + sample.token_ids])
-    with torch.no_grad():
-        logits = model(full).logits[0].float() / temperature
-    if top_k:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1:
-        probs = torch.softmax(logits, -1)
-        ordered, _ = torch.sort(probs, dim=-1, descending=True)
-        before = ordered.cumsum(-1) - ordered
-        cutoff = ordered.masked_fill(before > top_p, 2.0).min(-1, keepdim=True).values
-        logits = logits.masked_fill(probs < cutoff, float("-inf"))
-    lp = torch.log_softmax(logits, -1)
-    return [lp[len(prompt_ids) - 1 + k, tok].item() for k, tok in enumerate(sample.token_ids)]
-
-
 @pytest.mark.parametrize("top_k, top_p", [(None, 1.0), (20, 1.0), (None, 0.8)])
 def test_sampled_logprobs_match_teacher_forcing_on_both(engines, top_k, top_p):
     vllm_engine, hf_engine = engines
@@ -74,7 +58,7 @@ def test_sampled_logprobs_match_teacher_forcing_on_both(engines, top_k, top_p):
         for prompt_ids, samples in zip(ids, engine.generate(PROMPTS[:4], sampling)):
             assert len(samples) == 2 and samples[0].token_ids != samples[1].token_ids
             for sample in samples:
-                expected = _teacher_forced(hf_engine.model, prompt_ids, sample, 0.8, top_k, top_p)
+                expected = teacher_forced_logprobs(hf_engine.model, prompt_ids, sample.token_ids, 0.8, top_k, top_p)
                 assert sample.logprobs == pytest.approx(expected, abs=1e-4), engine.backend
 
 
@@ -147,7 +131,7 @@ def test_auto_stays_hf_on_a_cpu_with_vllm():
 
 
 def test_a_head_size_the_cpu_kernels_refuse_exits_2(cli, tmp_path):
-    bench = __import__("pathlib").Path(__file__).resolve().parents[3] / "shared" / "data" / "benchmarks"
+    bench = Path(__file__).resolve().parents[3] / "shared" / "data" / "benchmarks"
     proc = cli("eval", "gsm8k", "--model", "tiny:qwen2-tiny", "--data-dir", str(bench), "--limit", "2",
                "engine.backend=vllm", "--run-dir", str(tmp_path / "run"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
