@@ -102,7 +102,7 @@ TINY_PRESETS: dict[str, dict[str, Any]] = {
                     "num_key_value_heads": 2, "intermediate_size": 384, "vocab_size": None},
     "llama-small": {"arch": "llama", "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
                     "num_key_value_heads": 2, "intermediate_size": 384, "vocab_size": None},
-    # head_dim 64: the smallest shape vLLM's CPU attention kernel accepts (it refuses head_dim 16 and 32)
+    # head_dim 64: a head size vLLM's CPU attention kernels take (qwen2-tiny's 16 is refused)
     "qwen2-vllm": {"arch": "qwen2", "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
                    "num_key_value_heads": 1, "intermediate_size": 256, "vocab_size": None},
     # The shape of Qwen2.5-0.5B (random weights) for GPU throughput benchmarks.

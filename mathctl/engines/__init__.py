@@ -115,8 +115,8 @@ def sample_seed(seed: int, prompt_seed: int, index: int) -> int:
     return x & (2**63 - 1)
 
 
-__all__ = ["ChatText", "Engine", "Prompt", "Sample", "adds_special_tokens", "check_prompts", "encode_prompts", "encode_text", "finish_sample", "make_engine",
-           "resolve_backend", "sample_seed", "vllm_available"]
+__all__ = ["ChatText", "Engine", "Prompt", "Sample", "adds_special_tokens", "check_prompts", "encode_prompts",
+           "encode_text", "finish_sample", "make_engine", "resolve_backend", "sample_seed", "vllm_available"]
 
 
 class ChatText(str):

@@ -177,7 +177,7 @@ class HFEngine:
 
         generated: list[list[int]] = [[] for _ in rows]
         logprobs: list[list[float]] | None = [[] for _ in rows] if sampling.logprobs else None
-        finish: list[tuple[str, str | int | None] | None] = [None] * len(rows)
+        ended = [False] * len(rows)  # why a row ended is read off its tokens afterwards (finish_sample)
 
         with torch.inference_mode():
             cache = DynamicCache(config=self.model.config)
@@ -197,22 +197,18 @@ class HFEngine:
                 lp_list = token_lp.tolist() if token_lp is not None else None
                 keep = []
                 for pos, r in enumerate(live):
-                    if finish[r] is not None:
+                    if ended[r]:
                         continue
                     tok = token_list[pos]
                     generated[r].append(tok)
                     if logprobs is not None:
                         logprobs[r].append(lp_list[pos])
-                    if tok in self.eos_ids:
-                        finish[r] = ("stop", tok)
-                    elif stops and (hit := self._stop_hit(generated[r], stops, window)) is not None:
-                        finish[r] = ("stop", hit)
-                    elif len(generated[r]) >= limits[r]:
-                        finish[r] = ("length", None)
+                    if tok in self.eos_ids or len(generated[r]) >= limits[r] or \
+                            (stops and self._stop_hit(generated[r], stops, window)):
+                        ended[r] = True
+                        done_in_batch += 1
                     else:
                         keep.append(pos)
-                        continue
-                    done_in_batch += 1
                 if not keep:
                     break
                 if done_in_batch and done_in_batch >= max(1, len(live) // 4):
@@ -224,8 +220,9 @@ class HFEngine:
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
                 logits = self._forward(tokens[:, None], mask, lengths[:, None], cache, prefill=False)
                 lengths = lengths + 1
-        return [self._finish(generated[r], finish[r], logprobs[r] if logprobs is not None else None, sampling, stops)
-                for r in range(len(rows))]
+        return [finish_sample(self._decode, generated[r], self.eos_ids, stops=stops,
+                              include_stop_str=sampling.include_stop_str,
+                              logprobs=logprobs[r] if logprobs is not None else None) for r in range(len(rows))]
 
     def _forward(self, input_ids, mask, positions, cache, *, prefill: bool):
         kwargs = {"logits_to_keep": 1} if (prefill and self._keep_arg) else {}
@@ -265,18 +262,9 @@ class HFEngine:
         lp = torch.log_softmax(filtered, -1).gather(1, choice)[:, 0] if sampling.logprobs else None
         return tokens, lp
 
-    def _stop_hit(self, ids: list[int], stops: list[str], window: int) -> str | None:
+    def _stop_hit(self, ids: list[int], stops: list[str], window: int) -> bool:
         tail = self._decode(ids[-window:])
-        for stop in stops:
-            if stop in tail:
-                return stop
-        return None
+        return any(stop in tail for stop in stops)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-    def _finish(self, ids: list[int], finish: tuple[str, str | int | None] | None, logprobs: list[float] | None,
-                sampling: SamplingConfig, stops: list[str]) -> Sample:
-        # the reason is read off the tokens (finish_sample), as for every engine; `finish` only ended the loop
-        return finish_sample(self._decode, ids, self.eos_ids, stops=stops, include_stop_str=sampling.include_stop_str,
-                             logprobs=logprobs)

@@ -47,7 +47,6 @@ from mathctl.engines import (
     finish_sample,
     sample_seed,
 )
-from mathctl.engines.vllm_worker import accepts_name
 
 WORKER_EXTENSION = "mathctl.engines.vllm_worker.WeightSync"
 _CPU_KV_CACHE_GB = 1.0  # vLLM's CPU default reserves most of the RAM; tests and small models need far less
@@ -76,9 +75,12 @@ class VLLMEngine:
         self.dtype = getattr(torch, self.dtype_name)
         path = resolve_model_path(model_spec.path)
         tokenizer_path = resolve_model_path(model_spec.tokenizer) if model_spec.tokenizer else path
+        # before building: a model that names no EOS must not leave an engine behind
+        self.eos_ids = eos_token_ids(self.tokenizer, _generation_config(path, model_spec))
+        if not self.eos_ids:
+            raise EngineError("the model names no EOS token", hint="set eos_token_id in generation_config.json or the tokenizer")
         self.sleep_enabled = bool(cuda and (config.sleep_mode if config.sleep_mode is not None else colocated))
         self._asleep: str | None = None  # None, "all" (weights and KV cache released) or "kv_cache"
-        self._names: set[str] | None = None
         self._set_env: list[str] = []
 
         kwargs: dict[str, Any] = dict(
@@ -129,10 +131,6 @@ class VLLMEngine:
             torch.cuda.set_device(previous_device)  # the trainer keeps its device
         model_config = self.llm.llm_engine.vllm_config.model_config
         self.max_model_len = model_config.max_model_len
-        generation_config = _generation_config(path, model_spec)
-        self.eos_ids = eos_token_ids(self.tokenizer, generation_config)
-        if not self.eos_ids:
-            raise EngineError("the model names no EOS token", hint="set eos_token_id in generation_config.json or the tokenizer")
         from vllm.v1.engine.core_client import InprocClient
 
         self.in_process = isinstance(self.llm.llm_engine.engine_core, InprocClient)
@@ -223,8 +221,7 @@ class VLLMEngine:
         layer only when all of its tensors arrived together)."""
         self._wake(for_generation=False)
         items = weights.items() if isinstance(weights, Mapping) else weights
-        known = self._known_names()
-        stream = self._checked(items, known)
+        stream = self._cast(items)
         try:
             if self.in_process:
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
@@ -233,24 +230,17 @@ class VLLMEngine:
 
                 for bucket in _layer_buckets(stream, self.config.weight_sync_bucket_mb * 2**20):
                     self.llm.collective_rpc("mathctl_reload_weights", args=(save(dict(bucket)),))
-        except EngineError:
-            raise
-        except Exception as exc:  # vLLM raises bare KeyError/AssertionError for a mismatching tensor
-            raise EngineError(f"vLLM did not take the pushed weights: {_first_line(exc)}",
+        except Exception as exc:  # vLLM's loader names the weight it has no home for, or the shapes that differ
+            message = _first_line(exc).split(". The available")[0]
+            what = "a pushed weight is not in the engine's model" if "no module or parameter named" in message \
+                else "vLLM did not take the pushed weights"
+            raise EngineError(f"{what}: {message}",
                               hint="push weights of the model the engine was built from (names and shapes as in its "
-                              "Hugging Face folder)") from None
+                              "Hugging Face folder); a failed push leaves the engine's weights undefined") from None
         self.llm.reset_prefix_cache()
 
-    def _known_names(self) -> set[str]:
-        if self._names is None:
-            self._names = set(self.llm.collective_rpc("mathctl_weight_names")[0])
-        return self._names
-
-    def _checked(self, items: Iterable[tuple[str, Any]], known: set[str]):
+    def _cast(self, items: Iterable[tuple[str, Any]]):
         for name, tensor in items:
-            if not accepts_name(name, known):
-                raise EngineError(f"pushed weight {name} is not in the engine's model",
-                                  hint="push a state dict of the same architecture, names as in its Hugging Face folder")
             if self.in_process:
                 yield name, tensor.detach().to(self.dtype)
             else:  # a copy of its own: safetensors refuses views and tied tensors
