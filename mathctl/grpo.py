@@ -141,7 +141,8 @@ class GRPOSpec(Strict):
     max_logprob_diff: float | None = Field(
         0.5, gt=0, description="Stop the run (exit 2) when the mean |engine - trainer| log-probability gap of a "
         "step's sampled tokens exceeds this (nats): the engine is not sampling from the model being trained. "
-        "Normal gaps: ~1e-6 (hf, fp32), ~1e-2 (vLLM, bf16), at most log(1 / top_p) from top_p. null: no check.")
+        "Measured on CPU in fp32: ~1e-6 (hf and vLLM); bf16 on a GPU is expected near 1e-2; top_p adds at most "
+        "log(1 / top_p). null: no check.")
 
 
 class GRPOTrain(TrainBase):

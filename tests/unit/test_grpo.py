@@ -308,3 +308,13 @@ def test_config_checks():
         GRPOConfig(**base, grpo={"is_correction": "mis", "is_cap": 2.0, "is_floor": 2.0})
     with pytest.raises(ValidationError, match="is_cap"):
         GRPOConfig(**base, grpo={"is_cap": 1.0})
+
+
+def test_tensor_parallel_engines_must_divide_the_processes():
+    from pydantic import ValidationError
+
+    base = {"model": {"path": "tiny:qwen2-tiny"}, "grpo": {"prompts_per_step": 4}}
+    GRPOConfig(**base, engine={"backend": "vllm", "tensor_parallel_size": 2}, launch={"num_processes": 4})
+    GRPOConfig(**base, engine={"backend": "hf", "tensor_parallel_size": 2}, launch={"num_processes": 1})  # hf ignores it
+    with pytest.raises(ValidationError, match="tensor_parallel_size=2 must divide launch.num_processes=1"):
+        GRPOConfig(**base, engine={"backend": "vllm", "tensor_parallel_size": 2}, launch={"num_processes": 1})
