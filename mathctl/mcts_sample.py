@@ -33,7 +33,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from mathctl.core.config import EngineConfig, LaunchConfig, ModelSpec, OutputConfig, Strict
-from mathctl.core.console import log, print_table, progress
+from mathctl.core.console import log, print_table, progress, warn
 from mathctl.core.errors import ConfigError, DataError
 from mathctl.core.io import append_jsonl, atomic_write_json, atomic_write_text
 from mathctl.core.rundir import RunDir
@@ -79,6 +79,15 @@ class SandboxSection(Strict):
     memory_mb: int = Field(1024, ge=64, description="Address-space limit per execution.")
     max_output_chars: int = Field(1024, ge=16, description="Longer output is cut in the middle (rStar: 1024).")
     workers: int | None = Field(None, ge=1, description="Executions run in parallel; default: the CPU count.")
+    allow_weak: bool = Field(False, description="Run model-written code even where the kernel offers neither "
+                             "Landlock nor a separate uid in a network namespace (then only rlimits and an "
+                             "in-process audit hook guard it); off, such a machine is a user error.")
+
+    def limits(self):
+        from mathctl.sandbox import SandboxLimits
+
+        return SandboxLimits(wall_s=self.wall_s, cpu_s=self.cpu_s, memory_mb=self.memory_mb,
+                             max_output_chars=self.max_output_chars)
 
 
 class RoundsConfig(Strict):
@@ -249,7 +258,7 @@ def run_round(cfg: MCTSConfig, folder: Path, *, policy: str, prm: str | None, la
     from mathctl.engines import make_engine
     from mathctl.grading import is_equivalent_batch
     from mathctl.mcts import Callbacks, Searcher, Tree, ppm_pairs, sft_traces, tree_record
-    from mathctl.sandbox import Sandbox, SandboxLimits
+    from mathctl.sandbox import Sandbox
 
     folder.mkdir(parents=True, exist_ok=True)
     problems = load_problems(cfg.data) if problems is None else problems
@@ -260,8 +269,8 @@ def run_round(cfg: MCTSConfig, folder: Path, *, policy: str, prm: str | None, la
     if cfg.search.mode == "beam" and not prm:
         raise ConfigError("search.mode=beam ranks steps with a PPM, and this round has none", hint="give --prm PATH")
     engine = scorer = None
-    sandbox = Sandbox(SandboxLimits(wall_s=cfg.sandbox.wall_s, cpu_s=cfg.sandbox.cpu_s, memory_mb=cfg.sandbox.memory_mb,
-                                    max_output_chars=cfg.sandbox.max_output_chars), scratch_root=None)
+    sandbox = Sandbox(cfg.sandbox.limits(), allow_weak=cfg.sandbox.allow_weak)
+    isolation = None
     try:
         if todo:
             engine = make_engine(cfg.model.model_copy(update={"path": policy}), cfg.engine)
@@ -313,6 +322,8 @@ def run_round(cfg: MCTSConfig, folder: Path, *, policy: str, prm: str | None, la
                         "seconds": round(time.perf_counter() - began, 3)})
                     solved = sum(r["solved"] for r in records)
                     advance(len(batch), solved=f"{solved}/{len(batch)}", calls=s.engine_calls)
+        if cfg.steps.kind == "code":
+            isolation = sandbox.isolation
     finally:
         sandbox.close()
         if scorer is not None:
@@ -320,9 +331,33 @@ def run_round(cfg: MCTSConfig, folder: Path, *, policy: str, prm: str | None, la
         if engine is not None:
             engine.close()
     summary = round_summary(folder, cfg.search.mode)
-    summary.update(policy=policy, prm=prm)
+    summary.update(policy=policy, prm=prm, sandbox=isolation)
     atomic_write_json(folder / "summary.json", summary)
     return summary
+
+
+def check_sandbox(section: SandboxSection) -> dict[str, Any]:
+    """What isolation the kernel gives model-written code on this machine (one empty program in the sandbox);
+    weak isolation is a user error unless `sandbox.allow_weak` is set."""
+    from mathctl.confine import weak_reason
+    from mathctl.sandbox import Sandbox
+
+    box = Sandbox(section.limits(), allow_weak=True)
+    box.preload = ()  # the probe imports nothing
+    try:
+        isolation = box.isolation
+    finally:
+        box.close()
+    if isolation["level"] == "weak":
+        missing, fix = weak_reason(isolation)
+        if not section.allow_weak:
+            raise ConfigError(f"the sandbox cannot isolate model-written code on this machine: {missing}", hint=fix)
+        warn(f"sandbox: weak isolation ({missing}); code runs anyway because sandbox.allow_weak is true")
+    else:
+        log(f"sandbox: {isolation['level']} (Landlock ABI {isolation['landlock'] or 'none'}, seccomp "
+            f"{'on' if isolation['seccomp'] else 'off'}, uid {isolation['uid']}, network namespace "
+            f"{'yes' if isolation['netns'] else 'no'})")
+    return isolation
 
 
 def round_summary(folder: Path, mode: str) -> dict[str, Any]:
@@ -503,12 +538,15 @@ def run(cfg: MCTSConfig, run_dir: RunDir) -> dict[str, Any]:
     if cfg.prm:
         resolve_model_path(cfg.prm)
     problems = load_problems(cfg.data)  # once, before any model loads: bad data fails first
+    if cfg.steps.kind == "code":  # before any model loads too: a machine that cannot isolate code fails first
+        run_dir.update_meta(sandbox=check_sandbox(cfg.sandbox))
     if cfg.rounds.count > 1:
         summary = run_rounds(cfg, run_dir, problems)
     else:
         summary = run_round(cfg, run_dir.path, policy=cfg.model.path, prm=cfg.prm, problems=problems)
         print_table(rounds_table([{"round": 1, **summary}]))
     summary["run_dir"] = str(run_dir.path)
+    summary.setdefault("sandbox", run_dir.read_meta().get("sandbox"))
     run_dir.finish("completed", summary)
     return summary
 

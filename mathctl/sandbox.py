@@ -12,26 +12,36 @@ and forks a fresh child per execution, which before running the code:
   * enters a new network namespace (`unshare(CLONE_NEWNET)` as root, else CLONE_NEWUSER | CLONE_NEWNET): no
     interface but a downed loopback;
   * as root, becomes uid/gid nobody keeping only CAP_DAC_READ_SEARCH (reads anything, writes only where nobody
-    may, cannot signal our processes), with no_new_privs;
-  * sets RLIMIT_AS, RLIMIT_CPU (SIGXCPU, then SIGKILL a second later), RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_CORE=0
-    and a SIGALRM timer at the wall limit (so a run that times out still reports its output);
+    may), or, where that would leave it unable to read Python, stays uid 0 without any capability;
+  * sets no_new_privs, RLIMIT_AS, RLIMIT_CPU (SIGXCPU, then SIGKILL a second later), RLIMIT_FSIZE,
+    RLIMIT_NOFILE, RLIMIT_CORE=0 and a SIGALRM timer at the wall limit (so a run that times out still reports
+    its output);
   * works in a fresh scratch folder (cwd, HOME, TMPDIR; deleted afterwards) with only PATH, LANG, HOME and
     TMPDIR set: the caller's environment (API keys, tokens) never reaches a worker;
-  * installs an audit hook (sys.addaudithook) refusing process creation, signals to other processes, sockets,
-    every ctypes call, links, writing/removing/renaming/chmod... outside the scratch folder, chdir out of it,
-    reading /proc/*/environ, /proc/*/mem and credential files, gc introspection, syslog: the operation
-    raises `Refused` (a PermissionError) in the code, reported as error "Refused";
+  * confines itself with the kernel (mathctl/confine.py): Landlock (writes only beneath scratch, no execve, no
+    TCP, signals and abstract sockets scoped, no ptrace-style access to our processes such as their
+    /proc/<pid>/environ) and a seccomp filter (no new processes, no signals or pidfds to other processes, no
+    sockets, no mounts or namespaces, no metadata changes). These hold whatever the code does inside its own
+    interpreter, for root and for ordinary users alike;
+  * installs an audit hook (sys.addaudithook), the first line that turns the common cases into a readable
+    `Refused` error (a PermissionError): process creation, signals to other processes, sockets, every ctypes
+    call, links, writing/removing/renaming/chmod... outside the scratch folder, chdir out of it, reading
+    /proc/*/environ, /proc/*/mem and credential files, gc introspection, syslog. Code that defeats the hook
+    (rebinding what it calls, as PEP 578 warns) meets the kernel's walls instead: a PermissionError;
   * runs the code in a fresh `__main__` namespace, stdout/stderr going to a buffer that keeps only the first and
     last `max_output_chars` characters.
 The child reports one JSON line on a pipe of its own (fd 3), read by the worker with a byte bound; a child that
-dies without reporting is classified from its exit status and CPU time.
+dies without reporting is classified from its exit status and CPU time. Each report says which isolation the
+child got (`Sandbox.isolation`): "landlock" (Landlock applied; seccomp too on x86_64 and aarch64), "uid" (no
+Landlock, but uid nobody in a network namespace), or "weak" (neither: only rlimits and the hook). Weak children
+run nothing unless the Sandbox was made with `allow_weak=True`.
 
-Not isolated: reading files (any file as root, through CAP_DAC_READ_SEARCH); the total size of scratch files
-(RLIMIT_FSIZE bounds each one). The audit hook is in-process defence that code bent on escaping can defeat
-(ctypes pointer arithmetic, monkeypatching os.path, loading a second copy of an extension module); the walls are
-the process, the namespace, the uid and the rlimits. Not root, there is no uid change and only the hook guards
-file writes. Code can forge its own report by writing to fd 3 (it gains nothing it could not print).
-`import ctypes` and `import subprocess` work (sympy imports both); using them is refused.
+Not isolated: reading files (any file as root, through CAP_DAC_READ_SEARCH; the hook refuses known secret
+paths, the kernel does not); the total size of scratch files (RLIMIT_FSIZE bounds each one); file metadata
+changes are refused everywhere, scratch included (Landlock cannot scope them, so seccomp refuses chmod, chown,
+utime and xattrs: `shutil.copy`'s mode copy fails). Code can forge its own report by writing to fd 3 (it gains
+nothing it could not print). `import ctypes` and `import subprocess` work (sympy imports both); using them is
+refused.
 """
 
 from __future__ import annotations
@@ -122,10 +132,16 @@ class Sandbox:
 
     preload: tuple[str, ...] = ("sympy",)  # imported once per worker when installed: code using them starts fast
 
-    def __init__(self, limits: SandboxLimits = SandboxLimits(), scratch_root: str | Path | None = None):
+    def __init__(self, limits: SandboxLimits = SandboxLimits(), scratch_root: str | Path | None = None, *,
+                 allow_weak: bool = False, audit_hook: bool = True):
+        """`allow_weak`: run code even where the kernel offers neither Landlock nor a separate uid in a network
+        namespace (else every run reports SandboxError). `audit_hook=False` leaves the kernel's walls alone
+        (the tests use it to show they hold without the hook); keep it on otherwise, its errors are readable."""
         if not isinstance(limits, SandboxLimits):
             raise ValueError(f"limits must be a SandboxLimits, got {type(limits).__name__}")
         self.limits = limits
+        self.options = {"allow_weak": bool(allow_weak), "audit_hook": bool(audit_hook)}
+        self._isolation: dict | None = None
         if scratch_root is None:
             root = created = tempfile.mkdtemp(prefix="mathctl-sandbox-")
         else:
@@ -150,7 +166,8 @@ class Sandbox:
             worker = self._idle.pop() if self._idle else _Worker(self.root, self.preload)
             if worker not in self._workers:
                 self._workers.append(worker)
-        reply = worker.ask({"code": code, "limits": dataclasses.asdict(self.limits)}, self.limits.wall_s + 30)
+        reply = worker.ask({"code": code, "limits": dataclasses.asdict(self.limits), **self.options},
+                           self.limits.wall_s + 30)
         with self._lock:
             if reply is not None and not self._closed:
                 self._idle.append(worker)
@@ -159,7 +176,20 @@ class Sandbox:
         if reply is None:  # the worker died or hung (not the code's doing): it is replaced
             worker.kill()
             return ExecResult("", "Killed", "Killed: the sandbox worker failed", False, time.monotonic() - start)
+        if isinstance(reply.get("isolation"), dict):
+            self._isolation = reply["isolation"]
         return ExecResult(**{key: reply[key] for key in ("output", "error", "error_message", "timed_out", "seconds")})
+
+    @property
+    def isolation(self) -> dict:
+        """What the kernel enforced in the latest child: {"level": "landlock" | "uid" | "weak", "landlock":
+        ABI (0 = none), "seccomp": bool, "uid": "nobody" | "root" (no capabilities) | "unchanged", "netns":
+        bool, "network": bool, "audit_hook": bool}. Runs an empty program first if nothing ran yet."""
+        if self._isolation is None:
+            result = self.run("pass")
+            if self._isolation is None:
+                raise RuntimeError(f"the sandbox could not start a child: {result.error_message}")
+        return dict(self._isolation)
 
     def run_many(self, codes: Sequence[str], workers: int | None = None) -> list[ExecResult]:
         """`run` each code, `workers` at a time (default os.cpu_count()); results in the order of `codes`."""
@@ -263,6 +293,7 @@ class _Capped(io.TextIOBase):
 def _serve() -> None:
     root, config = sys.argv[1], json.loads(sys.argv[2])
     sys.path.extend(config["site"])
+    confine = _load_confine()  # before the preloads: nothing they run can replace it
     for name in config["preload"]:
         try:
             __import__(name)
@@ -270,12 +301,27 @@ def _serve() -> None:
             pass
     builtins.exit = builtins.quit = sys.exit  # as without -S
     libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    kernel = {"confine": confine, "libc": libc, "landlock": confine.landlock_abi(libc),
+              "seccomp": confine.seccomp_supported()}
     for line in sys.stdin.buffer:
-        sys.stdout.buffer.write(json.dumps(_execute(json.loads(line), root, libc)).encode() + b"\n")
+        sys.stdout.buffer.write(json.dumps(_execute(json.loads(line), root, kernel)).encode() + b"\n")
         sys.stdout.buffer.flush()
 
 
-def _execute(request: dict, root: str, libc: ctypes.CDLL) -> dict:
+def _load_confine() -> types.ModuleType:
+    """mathctl/confine.py, loaded by path (the worker runs with -I -S: the package may not be importable)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_mathctl_confine",
+                                                  os.path.join(os.path.dirname(os.path.abspath(__file__)), "confine.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _execute(request: dict, root: str, kernel: dict) -> dict:
     """Fork a child for one execution, enforce the wall-clock limit, return its report (or a verdict)."""
     limits = SandboxLimits(**request["limits"])
     scratch = tempfile.mkdtemp(prefix="run-", dir=root)
@@ -284,7 +330,7 @@ def _execute(request: dict, root: str, libc: ctypes.CDLL) -> dict:
     if pid == 0:
         try:
             os.close(read_end)
-            _child(request["code"], limits, scratch, write_end, libc)
+            _child(request, limits, scratch, write_end, kernel)
         finally:
             os._exit(70)
     os.close(write_end)
@@ -329,18 +375,23 @@ def _verdict(killed: bool, status: int, usage: resource.struct_rusage, limits: S
 
 
 # --- in the child: isolate, run, report -------------------------------------------------------------------
-def _child(code: str, limits: SandboxLimits, scratch: str, write_end: int, libc: ctypes.CDLL) -> None:
+def _child(request: dict, limits: SandboxLimits, scratch: str, write_end: int, kernel: dict) -> None:
     os.setsid()
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     os.dup2(write_end, _RESULT_FD)
     os.closerange(_RESULT_FD + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    isolation: dict = {}
     try:
-        _isolate(limits, scratch, libc)
-        report = _run(code, limits, scratch)
+        isolation = _isolate(limits, scratch, kernel, request.get("audit_hook", True))
+        if isolation["level"] == "weak" and not request.get("allow_weak", False):
+            missing, _ = kernel["confine"].weak_reason(isolation)
+            raise OSError(f"weak isolation, nothing was run: {missing} (Sandbox(allow_weak=True) runs it anyway)")
+        report = _run(request["code"], limits, scratch, request.get("audit_hook", True))
     except Exception as exc:  # the isolation failed: run nothing
         report = {"output": "", "error": "SandboxError", "error_message": f"SandboxError: {exc}", "timed_out": False}
+    report["isolation"] = isolation
     try:
         data = json.dumps(report).encode() + b"\n"
     except BaseException:  # noqa: B036 - out of memory (or worse): still report
@@ -390,26 +441,37 @@ def _world_readable(paths: Sequence[str]) -> bool:
     return True
 
 
-def _isolate(limits: SandboxLimits, scratch: str, libc: ctypes.CDLL) -> None:
+def _isolate(limits: SandboxLimits, scratch: str, kernel: dict, audit_hook: bool) -> dict:
+    """Confine this (forked, single-threaded) child; returns what it got (see Sandbox.isolation)."""
+    confine, libc = kernel["confine"], kernel["libc"]
     os.chdir(scratch)
     root = os.geteuid() == 0
-    if not limits.network and not (root and libc.unshare(_CLONE_NEWNET) == 0):
-        if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0:
-            root = False  # in a new user namespace the uid cannot change (and has no rights outside it)
-    keep = root and _cap_permitted(_CAP_DAC_READ_SEARCH)
-    if root and _setgroups_ok() and (keep or _world_readable(_python_dirs())):
-        # uid/gid nobody; keeping CAP_DAC_READ_SEARCH where we have it, so imports read root-only trees
-        # (a Python under /root); without it (Docker's default capabilities) only when Python is readable
-        # by everyone, else the child stays root behind the namespace, rlimits and audit hook
-        os.chown(scratch, _NOBODY, _NOBODY)
-        if keep:
-            libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0)
-        os.setgid(_NOBODY)
-        os.setuid(_NOBODY)
-        caps = 1 << _CAP_DAC_READ_SEARCH
-        if keep and libc.capset((ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0), (ctypes.c_uint32 * 6)(caps, caps, 0, 0, 0, 0)):
+    netns = False
+    if not limits.network:
+        if root and libc.unshare(_CLONE_NEWNET) == 0:
+            netns = True
+        elif libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0:
+            netns, root = True, False  # in a new user namespace the uid cannot change (and has no rights outside it)
+    uid = "unchanged"
+    if root:
+        keep = _cap_permitted(_CAP_DAC_READ_SEARCH)
+        if _setgroups_ok() and (keep or _world_readable(_python_dirs())):
+            # uid/gid nobody; keeping CAP_DAC_READ_SEARCH where we have it, so imports read root-only trees
+            # (a Python under /root); without it (Docker's default capabilities) only when Python is readable
+            # by everyone
+            os.chown(scratch, _NOBODY, _NOBODY)
+            if keep:
+                libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0)
+            os.setgid(_NOBODY)
+            os.setuid(_NOBODY)
+            caps, uid = (1 << _CAP_DAC_READ_SEARCH) if keep else 0, "nobody"
+        else:  # uid 0 stays (it can read the Python tree) but holds no capability at all
+            caps, uid = 0, "root"
+        if (keep or uid == "root") and libc.capset((ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0),
+                                                   (ctypes.c_uint32 * 6)(caps, caps, 0, 0, 0, 0)):
             raise OSError(ctypes.get_errno(), "capset failed")
-    libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     memory, cpu, fsize = limits.memory_mb << 20, max(1, math.ceil(limits.cpu_s)), int(limits.max_file_mb * 2**20)
     for which, soft, hard in ((resource.RLIMIT_AS, memory, memory), (resource.RLIMIT_CPU, cpu, cpu + 1),
@@ -421,6 +483,14 @@ def _isolate(limits: SandboxLimits, scratch: str, libc: ctypes.CDLL) -> None:
         resource.setrlimit(which, (soft, hard))
     os.environ.clear()
     os.environ.update(_ENV, HOME=scratch, TMPDIR=scratch)
+    # the kernel's walls last: each is refused as a whole (SandboxError) rather than half applied
+    if kernel["landlock"]:
+        confine.apply_landlock(kernel["landlock"], scratch, network=limits.network, libc=libc)
+    if kernel["seccomp"]:
+        confine.apply_seccomp(confine.filter_program(os.getpid(), network=limits.network), libc)
+    return {"level": confine.level(kernel["landlock"], kernel["seccomp"], uid, netns),
+            "landlock": kernel["landlock"], "seccomp": kernel["seccomp"], "uid": uid, "netns": netns,
+            "network": limits.network, "audit_hook": audit_hook}
 
 
 def _setgroups_ok() -> bool:
@@ -431,7 +501,7 @@ def _setgroups_ok() -> bool:
         return False
 
 
-def _run(code: str, limits: SandboxLimits, scratch: str) -> dict:
+def _run(code: str, limits: SandboxLimits, scratch: str, audit_hook: bool = True) -> dict:
     out, armed = _Capped(limits.max_output_chars), [True]
 
     def stop(kind: type[BaseException], message: str):
@@ -445,9 +515,9 @@ def _run(code: str, limits: SandboxLimits, scratch: str) -> dict:
             raise Refused(f"{what} is not allowed in the sandbox")
         return refuse
 
-    # raise no audit event: fork_exec (used by subprocess, multiprocessing), mkfifo/mknod (files anywhere)
-    _posixsubprocess.fork_exec = subprocess._fork_exec = refuser("process creation")
-    os.mkfifo = os.mknod = posix.mkfifo = posix.mknod = refuser("os.mkfifo/os.mknod")
+    if audit_hook:  # raise no audit event: fork_exec (subprocess, multiprocessing), mkfifo/mknod (files anywhere)
+        _posixsubprocess.fork_exec = subprocess._fork_exec = refuser("process creation")
+        os.mkfifo = os.mknod = posix.mkfifo = posix.mknod = refuser("os.mkfifo/os.mknod")
     main = types.ModuleType("__main__")
     sys.modules["__main__"], worker_main = main, sys.modules["__main__"]  # noqa: F841 - keeps it alive
     sys.argv, sys.stdin, sys.stdout, sys.stderr = [""], io.StringIO(), out, out
@@ -455,7 +525,8 @@ def _run(code: str, limits: SandboxLimits, scratch: str) -> dict:
     signal.signal(signal.SIGXCPU, stop(CPUTimeLimit, f"the code used more than {cpu} s of CPU time"))
     signal.signal(signal.SIGALRM, stop(Timeout, f"the code ran past the {limits.wall_s:g} s wall-clock limit"))
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too large file is an OSError, not a death
-    sys.addaudithook(_make_hook(scratch, limits.network))
+    if audit_hook:
+        sys.addaudithook(_make_hook(scratch, limits.network))
     signal.setitimer(signal.ITIMER_REAL, limits.wall_s)
     error, message = None, ""
     try:

@@ -1,0 +1,199 @@
+"""The sandbox's kernel walls (mathctl/confine.py): every attack in tests/unit/sandbox_attacks.py, run from a
+process of its own as root and as an unprivileged uid (CI runs as root: the tests make the unprivileged case
+themselves), with the audit hook and without it (the kernel alone), with network namespaces and where the
+kernel refuses them (as Docker's default seccomp profile does); and what happens where Landlock is missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from mathctl import confine
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox is Linux-only")
+
+REPO = Path(__file__).resolve().parents[2]
+ATTACKS = Path(__file__).with_name("sandbox_attacks.py")
+NOBODY = 65534
+ROOT = os.geteuid() == 0
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def _runs_as(python: str, uid: int | None) -> bool:
+    ids = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
+    try:
+        return subprocess.run([python, "-c", "import ctypes, json, sysconfig"], capture_output=True, timeout=60,
+                              cwd="/", **ids).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def stage():
+    """A folder every uid can read: a copy of the modules under test and the attack script; the Python each
+    uid runs them with."""
+    base = Path(tempfile.mkdtemp(prefix="mathctl-sandbox-test-", dir="/tmp"))
+    package = base / "pkg" / "mathctl"
+    package.mkdir(parents=True)
+    for name in ("__init__.py", "sandbox.py", "confine.py"):
+        shutil.copy(REPO / "mathctl" / name, package / name)
+    shutil.copy(ATTACKS, base / "pkg" / ATTACKS.name)
+    for path in [base, *base.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    pythons = {"root": sys.executable}
+    if ROOT:  # an unprivileged uid needs a Python it can read (a pyenv under /root is not one)
+        candidates = [sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3", "/usr/local/bin/python3"]
+        usable = [p for p in dict.fromkeys(candidates) if os.path.exists(p) and _runs_as(p, NOBODY)]
+        if not usable:
+            pytest.fail(f"no Python that uid {NOBODY} can run (tried {', '.join(candidates)}): install python3")
+        pythons["unprivileged"] = usable[0]
+    else:
+        pythons["unprivileged"] = sys.executable
+    yield base, pythons
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def run_attacks(stage, who: str, *, audit_hook: bool = True, hide: tuple[str, ...] = (), allow_weak: bool = False,
+                probe_only: bool = False) -> dict:
+    """Run sandbox_attacks.py as `who` (root | unprivileged); returns its report, after checking that it
+    finished (a stopped driver would hang) and that the victim process was left alone."""
+    base, pythons = stage
+    if who == "root" and not ROOT:
+        pytest.skip("the root case needs root (CI runs as root)")
+    uid = NOBODY if ROOT else os.getuid()  # the children's uid: nobody as root (dropped), ours otherwise
+    ids = {"user": NOBODY, "group": NOBODY, "extra_groups": []} if who == "unprivileged" and ROOT else {}
+    run = base / uuid.uuid4().hex[:8]
+    dirs = {"sentinel": run / "sentinel", "home": run / "home", "site": run / "lib" / "site-packages"}
+    for path in dirs.values():
+        path.mkdir(parents=True)
+    (dirs["sentinel"] / "keep.txt").write_text("keep")
+    (dirs["home"] / ".profile").write_text("# keep")
+    for path in [run, *run.rglob("*")]:
+        if ROOT:
+            os.chown(path, uid, uid)
+        path.chmod(0o777 if path.is_dir() else 0o666)  # writable by the children's uid: only the kernel stops them
+    victim_ids = {"user": uid, "group": uid, "extra_groups": []} if ROOT else {}
+    victim = subprocess.Popen(["sleep", "300"], start_new_session=True, **victim_ids)
+    secret = f"s3cret-{uuid.uuid4().hex}"
+    config = {"audit_hook": audit_hook, "allow_weak": allow_weak, "hide": list(hide), "victim": victim.pid,
+              "dirs": {key: str(value) for key, value in dirs.items()}, "probe_only": probe_only}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(dirs["home"]), "MATHCTL_TEST_SECRET": secret, "HF_TOKEN": secret,
+           "PYTHONPATH": f"{base / 'pkg'}:{dirs['site']}"}
+    driver = subprocess.Popen([pythons[who], "-B", str(base / "pkg" / ATTACKS.name), json.dumps(config)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(run),
+                              start_new_session=True, **ids)
+    try:
+        stdout, stderr = driver.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        state = _state(driver.pid)
+        driver.kill()
+        driver.communicate()
+        pytest.fail(f"the attack driver did not finish (process state {state}: stopped by an attack?)")
+    finally:
+        victim_state = _state(victim.pid)
+        victim.kill()
+        victim.wait()
+    assert driver.returncode == 0, stderr[-3000:]
+    assert victim_state in ("S", "R"), f"the victim process is {victim_state}"
+    report = json.loads(stdout.strip().splitlines()[-1])
+    assert secret not in stdout
+    return report
+
+
+MODES = {  # name -> (who, audit hook, refused to the process first)
+    "root": ("root", True, ()),
+    "root-kernel-only": ("root", False, ()),
+    "root-kernel-only-no-namespaces": ("root", False, ("unshare",)),
+    "unprivileged": ("unprivileged", True, ()),
+    "unprivileged-kernel-only": ("unprivileged", False, ()),
+    "unprivileged-kernel-only-no-namespaces": ("unprivileged", False, ("unshare",)),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_attack_is_stopped(stage, mode):
+    who, audit_hook, hide = MODES[mode]
+    if confine.landlock_abi() < 6 or not confine.seccomp_supported():
+        pytest.fail("this test machine lacks Landlock ABI >= 6 or seccomp (CI has ABI 7 on x86_64)")
+    report = run_attacks(stage, who, audit_hook=audit_hook, hide=hide)
+    isolation = report["isolation"]
+    assert isolation["level"] == "landlock" and isolation["seccomp"] and isolation["landlock"] >= 6, isolation
+    assert isolation["netns"] == ("unshare" not in hide), isolation
+    assert isolation["uid"] == ("nobody" if ROOT and who == "root" else "unchanged"), isolation
+    assert isolation["audit_hook"] == audit_hook
+    assert report["uid"] == (0 if who == "root" else NOBODY if ROOT else os.getuid())
+    assert len(report["results"]) >= 55
+    print(json.dumps(report["results"], indent=1))
+    assert report["violations"] == [], "\n".join(report["violations"])
+
+
+def test_unprivileged_without_landlock_or_namespaces_is_weak_and_refused(stage):
+    report = run_attacks(stage, "unprivileged", hide=("landlock_create_ruleset", "unshare"), probe_only=True)
+    isolation = report["isolation"]
+    assert isolation["level"] == "weak" and isolation["landlock"] == 0 and not isolation["netns"], isolation
+    assert isolation["seccomp"]  # still applied: it does not depend on Landlock
+    assert report["probe"]["error"] == "SandboxError" and "weak isolation" in report["probe"]["message"]
+    assert "no Landlock" in report["probe"]["message"]
+    allowed = run_attacks(stage, "unprivileged", hide=("landlock_create_ruleset", "unshare"), probe_only=True,
+                          allow_weak=True)
+    assert allowed["isolation"]["level"] == "weak" and allowed["probe"]["output"] == "42\n"
+
+
+def test_root_without_landlock(stage):
+    """A separate uid in a network namespace is the 'uid' level; without the namespace it is weak."""
+    report = run_attacks(stage, "root", hide=("landlock_create_ruleset",), probe_only=True)
+    assert report["isolation"]["level"] == "uid" and report["isolation"]["uid"] == "nobody", report["isolation"]
+    assert report["probe"]["output"] == "42\n"
+    weak = run_attacks(stage, "root", hide=("landlock_create_ruleset", "unshare"), probe_only=True)
+    assert weak["isolation"]["level"] == "weak" and weak["probe"]["error"] == "SandboxError"
+
+
+# --- the pieces ----------------------------------------------------------------------------------------------
+def test_landlock_rights_follow_the_abi():
+    fs1, net1, scopes1 = confine.landlock_rights(1, network=False)
+    fs7, net7, scopes7 = confine.landlock_rights(7, network=False)
+    assert not fs1 & (confine.FS_READ_FILE | confine.FS_READ_DIR) and fs1 & confine.FS_EXECUTE
+    assert not fs1 & confine.FS_TRUNCATE and fs7 & confine.FS_TRUNCATE and fs7 & confine.FS_IOCTL_DEV
+    assert (net1, scopes1) == (0, 0)
+    assert net7 == confine.NET_BIND_TCP | confine.NET_CONNECT_TCP
+    assert scopes7 == confine.SCOPE_SIGNAL | confine.SCOPE_ABSTRACT_UNIX_SOCKET
+    assert confine.landlock_rights(7, network=True)[1] == 0
+
+
+@pytest.mark.parametrize("arch", list(confine.SYSCALLS))
+def test_filter_program_is_well_formed(arch):
+    import struct
+
+    program = confine.filter_program(4242, network=False, arch=arch)
+    assert len(program) % 8 == 0 and len(program) // 8 < 4096
+    ops = [struct.unpack("=HBBI", program[i:i + 8]) for i in range(0, len(program), 8)]
+    assert ops[0] == (0x20, 0, 0, 4) and ops[1][3] == confine.AUDIT_ARCH[arch]  # architecture checked first
+    for index, (code, jt, jf, _) in enumerate(ops):
+        if code & 0x07 == 0x05:  # a jump stays inside the program
+            assert index + 1 + max(jt, jf) < len(ops)
+    assert ops[-1] == (0x06, 0, 0, 0x7FFF0000)
+    table = confine.SYSCALLS[arch]
+    denied = {k for code, _, _, k in ops if code == 0x15} & {table[n] for n in confine.DENIED if n in table}
+    assert table["execve"] in denied and table["ptrace"] in denied and table["mount"] in denied
+    with_network = confine.filter_program(4242, network=True, arch=arch)
+    assert len(with_network) == len(program) - 16  # socket() is the only difference
+
+
+def test_weak_reason_names_what_is_missing():
+    missing, fix = confine.weak_reason({"level": "weak", "landlock": 0, "uid": "unchanged", "netns": True})
+    assert "no Landlock" in missing and "separate uid" in missing
+    assert "sandbox.allow_weak" in fix
