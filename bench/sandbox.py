@@ -48,6 +48,7 @@ def main() -> int:
         first = box.run(TINY)
         result["first_run_s"] = time.perf_counter() - start  # starts a worker (imports sympy)
         assert first.output == "328350\n", first
+        result["isolation"] = getattr(box, "isolation", None)  # what the kernel enforced (None before confine.py)
         result["run_per_s"] = per_second(lambda: [box.run(TINY) for _ in range(n)], n)
         box.run_many([TINY, TINY], workers=2)  # warm the second worker
         outputs: list = []
@@ -71,7 +72,7 @@ def main() -> int:
         print(json.dumps(result))
         return 0
     print(f"sandbox on {result['cpu_count']} CPU cores; first run (worker start, sympy import) "
-          f"{result['first_run_s']:.2f} s")
+          f"{result['first_run_s']:.2f} s; isolation {result['isolation']}")
     print(f"run            {result['run_per_s']:10.0f} executions/s   (tiny snippet, sequential, N={n})")
     print(f"run_many       {result['run_many_per_s']:10.0f} executions/s   (tiny snippet, 2 workers, N={2 * n})")
     print(f"sympy          {result['sympy_per_s']:10.0f} executions/s   (solve a quadratic, sympy preloaded, "

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,3 +163,37 @@ def test_bad_input_exits_2_with_one_error_line(tiny_model, tmp_path):
     out = run_cli("mcts-sample", "merge", str(tmp_path / "nothing"), "--run-dir", str(tmp_path / "m"))
     assert out.returncode == 2 and "trees.jsonl" in out.stderr
 
+
+
+# as an old kernel under Docker's default seccomp profile: no Landlock, no unshare; then run mathctl
+HIDE_ISOLATION = (
+    "import ctypes, errno, os, sys\nfrom mathctl import confine\nctypes.CDLL(None).prctl(38, 1, 0, 0, 0)\n"
+    "confine.apply_seccomp(confine.filter_program(0, network=True, only={'landlock_create_ruleset': errno.ENOSYS, "
+    "'unshare': errno.EPERM}))\nos.execv(sys.executable, [sys.executable, '-m', 'mathctl', *sys.argv[1:]])\n")
+
+
+def test_weak_isolation_is_a_user_error_unless_allowed(tiny_model, tmp_path):
+    args = ["mcts-sample", "--recipe", "quickstart-mcts", "--model", str(tiny_model), "--limit", "2",
+            "search.iterations=1", "search.max_step_tokens=8", "search.max_depth=2"]
+
+    def hidden(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", HIDE_ISOLATION, *args, *extra], capture_output=True, text=True,
+                              timeout=600)
+
+    out = hidden("--run-dir", str(tmp_path / "refused"))
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot isolate model-written code" in errors[0] and "Landlock" in errors[0], out.stderr
+    assert "hint:" in out.stderr and "sandbox.allow_weak" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "refused" / "trees.jsonl").exists()
+
+    out = hidden("sandbox.allow_weak=true", "--json", "--run-dir", str(tmp_path / "allowed"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "warning:" in out.stdout + out.stderr and "weak isolation" in " ".join((out.stdout + out.stderr).split())
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["sandbox"]["level"] == "weak" and summary["sandbox"]["landlock"] == 0
+    assert json.loads((tmp_path / "allowed" / "meta.json").read_text())["sandbox"]["level"] == "weak"
+
+    normal = mcts(*args[3:], "--run-dir", str(tmp_path / "normal"))  # this machine: Landlock and seccomp
+    assert normal["sandbox"]["level"] == "landlock" and normal["sandbox"]["seccomp"], normal["sandbox"]
+    assert json.loads((tmp_path / "normal" / "meta.json").read_text())["sandbox"] == normal["sandbox"]

@@ -8,7 +8,8 @@ whatever Python it can read).
     python sandbox_attacks.py CONFIG_JSON     # prints one JSON object: isolation, results, violations
 
 CONFIG: {"audit_hook": bool, "allow_weak": bool, "hide": [syscall names refused to this process first, as
-Docker's seccomp profile or an old kernel would], "victim": pid, "dirs": {"sentinel", "home", "site"},
+Docker's seccomp profile or an old kernel would], "drop_dac_read_search": bool (as Docker's default
+capabilities: a root child that cannot read Python as nobody stays uid 0), "victim": pid, "dirs": {"sentinel", "home", "site"},
 "cases": [names] or null for all, "probe_only": bool}
 """
 
@@ -160,6 +161,16 @@ def main() -> int:
         libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
         codes = {"landlock_create_ruleset": errno.ENOSYS, "unshare": errno.EPERM}
         confine.apply_seccomp(confine.filter_program(0, network=True, only={n: codes[n] for n in config["hide"]}))
+    if config.get("drop_dac_read_search"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.prctl(24, 2, 0, 0, 0) == 0  # PR_CAPBSET_DROP: root regains no dropped capability on exec
+        header, data = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()
+        assert libc.capget(header, data) == 0
+        data[0] &= ~(1 << 2)  # effective
+        data[1] &= ~(1 << 2)  # permitted
+        assert libc.capset(header, data) == 0, ctypes.get_errno()
     tcp = socket.socket()
     tcp.bind(("127.0.0.1", 0))
     tcp.listen(5)

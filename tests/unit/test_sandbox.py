@@ -147,6 +147,30 @@ def test_close_removes_what_it_created(tmp_path):
     assert kept.is_dir() and list(kept.iterdir()) == []
 
 
+def test_isolation_is_reported(box):
+    isolation = box.isolation
+    assert isolation["level"] in ("landlock", "uid", "weak") and isinstance(isolation["seccomp"], bool)
+    assert isolation["network"] is False and isolation["audit_hook"] is True
+    assert set(isolation) == {"level", "landlock", "seccomp", "uid", "netns", "network", "audit_hook"}
+
+
+def test_ordinary_code_works_under_the_kernel_walls_alone():
+    """Without the audit hook only Landlock and seccomp stand: what math code does must still work there
+    (threads, temporary files, scratch files and folders, renames, /dev/null, sympy, signals to itself)."""
+    code = ("import os, tempfile, threading, signal, io\nfrom sympy import symbols, solve\n"
+            "x = symbols('x')\nseen = []\nt = threading.Thread(target=lambda: seen.append(solve(x**2 - 9, x)))\n"
+            "t.start(); t.join()\nwith tempfile.TemporaryDirectory() as d:\n"
+            "    open(os.path.join(d, 'a'), 'w').write('1')\n    os.rename(os.path.join(d, 'a'), 'b')\n"
+            "os.makedirs('sub/dir'); os.rename('b', 'sub/dir/c'); os.remove('sub/dir/c')\n"
+            "open(os.devnull, 'w').write('x')\nsignal.signal(signal.SIGUSR1, lambda *a: seen.append('usr1'))\n"
+            "os.kill(os.getpid(), signal.SIGUSR1)\nsignal.raise_signal(signal.SIGUSR1)\nprint(seen)")
+    with Sandbox(SMALL, audit_hook=False) as sandbox:
+        result = sandbox.run(code)
+        assert sandbox.isolation["audit_hook"] is False
+    assert result.ok, result.error_message
+    assert result.output == "[[-3, 3], 'usr1', 'usr1']\n"
+
+
 # --- run_many --------------------------------------------------------------------------------------------
 def test_run_many_keeps_order_and_runs_in_parallel(box):
     codes = [f"import time\nstart = time.monotonic()\ntime.sleep({0.5 - 0.1 * i:.1f})\n"

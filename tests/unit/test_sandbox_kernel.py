@@ -68,7 +68,7 @@ def stage():
 
 
 def run_attacks(stage, who: str, *, audit_hook: bool = True, hide: tuple[str, ...] = (), allow_weak: bool = False,
-                probe_only: bool = False) -> dict:
+                probe_only: bool = False, drop_dac_read_search: bool = False) -> dict:
     """Run sandbox_attacks.py as `who` (root | unprivileged); returns its report, after checking that it
     finished (a stopped driver would hang) and that the victim process was left alone."""
     base, pythons = stage
@@ -90,6 +90,7 @@ def run_attacks(stage, who: str, *, audit_hook: bool = True, hide: tuple[str, ..
     victim = subprocess.Popen(["sleep", "300"], start_new_session=True, **victim_ids)
     secret = f"s3cret-{uuid.uuid4().hex}"
     config = {"audit_hook": audit_hook, "allow_weak": allow_weak, "hide": list(hide), "victim": victim.pid,
+              "drop_dac_read_search": drop_dac_read_search,
               "dirs": {key: str(value) for key, value in dirs.items()}, "probe_only": probe_only}
     env = {"PATH": "/usr/bin:/bin", "HOME": str(dirs["home"]), "MATHCTL_TEST_SECRET": secret, "HF_TOKEN": secret,
            "PYTHONPATH": f"{base / 'pkg'}:{dirs['site']}"}
@@ -114,26 +115,34 @@ def run_attacks(stage, who: str, *, audit_hook: bool = True, hide: tuple[str, ..
     return report
 
 
-MODES = {  # name -> (who, audit hook, refused to the process first)
-    "root": ("root", True, ()),
-    "root-kernel-only": ("root", False, ()),
-    "root-kernel-only-no-namespaces": ("root", False, ("unshare",)),
-    "unprivileged": ("unprivileged", True, ()),
-    "unprivileged-kernel-only": ("unprivileged", False, ()),
-    "unprivileged-kernel-only-no-namespaces": ("unprivileged", False, ("unshare",)),
+MODES = {  # name -> (who, audit hook, refused to the process first, CAP_DAC_READ_SEARCH dropped first)
+    "root": ("root", True, (), False),
+    "root-kernel-only": ("root", False, (), False),
+    "root-kernel-only-no-namespaces": ("root", False, ("unshare",), False),
+    "root-without-dac-read-search-kernel-only": ("root", False, (), True),
+    "unprivileged": ("unprivileged", True, (), False),
+    "unprivileged-kernel-only": ("unprivileged", False, (), False),
+    "unprivileged-kernel-only-no-namespaces": ("unprivileged", False, ("unshare",), False),
 }
 
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_every_attack_is_stopped(stage, mode):
-    who, audit_hook, hide = MODES[mode]
+    from mathctl.sandbox import _python_dirs, _world_readable
+
+    who, audit_hook, hide, drop = MODES[mode]
     if confine.landlock_abi() < 6 or not confine.seccomp_supported():
         pytest.fail("this test machine lacks Landlock ABI >= 6 or seccomp (CI has ABI 7 on x86_64)")
-    report = run_attacks(stage, who, audit_hook=audit_hook, hide=hide)
+    report = run_attacks(stage, who, audit_hook=audit_hook, hide=hide, drop_dac_read_search=drop)
     isolation = report["isolation"]
     assert isolation["level"] == "landlock" and isolation["seccomp"] and isolation["landlock"] >= 6, isolation
     assert isolation["netns"] == ("unshare" not in hide), isolation
-    assert isolation["uid"] == ("nobody" if ROOT and who == "root" else "unchanged"), isolation
+    if who == "unprivileged" or not ROOT:
+        assert isolation["uid"] == "unchanged", isolation
+    elif drop:  # nobody only where nobody can read this Python (a pyenv under /root cannot be): else uid 0
+        assert isolation["uid"] == ("nobody" if _world_readable(_python_dirs()) else "root"), isolation
+    else:
+        assert isolation["uid"] == "nobody", isolation
     assert isolation["audit_hook"] == audit_hook
     assert report["uid"] == (0 if who == "root" else NOBODY if ROOT else os.getuid())
     assert len(report["results"]) >= 55
