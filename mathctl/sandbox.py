@@ -335,7 +335,7 @@ def _execute(request: dict, root: str, kernel: dict) -> dict:
             os._exit(70)
     os.close(write_end)
     deadline, data = start + limits.wall_s + 0.5, b""  # the child's own timer fires at wall_s
-    while len(data) < 16 * limits.max_output_chars + 65536 and not data.endswith(b"\n"):
+    while len(data) < 16 * limits.max_output_chars + 65536 and data.count(b"\n") < 2:  # isolation, report
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([read_end], [], [], left)[0] or not (chunk := os.read(read_end, 65536)):
             break
@@ -350,6 +350,11 @@ def _execute(request: dict, root: str, kernel: dict) -> dict:
         time.sleep(0.0005)
     _kill(os.killpg, pid)  # whatever the code left behind in its session
     shutil.rmtree(scratch, ignore_errors=True)
+    head, _, data = data.partition(b"\n")
+    try:
+        isolation = json.loads(head)
+    except ValueError:
+        isolation = None
     try:
         report = json.loads(data)
         valid = (isinstance(report, dict) and isinstance(report.get("output"), str)
@@ -357,7 +362,9 @@ def _execute(request: dict, root: str, kernel: dict) -> dict:
                  and isinstance(report.get("error"), (str, type(None))))
     except ValueError:
         valid = False
-    return {**(report if valid else _verdict(killed, *reaped[1:], limits)), "seconds": time.monotonic() - start}
+    reply = report if valid else _verdict(killed, *reaped[1:], limits)
+    return {**reply, "isolation": isolation if isinstance(isolation, dict) else None,
+            "seconds": time.monotonic() - start}
 
 
 def _verdict(killed: bool, status: int, usage: resource.struct_rusage, limits: SandboxLimits) -> dict:
@@ -383,25 +390,33 @@ def _child(request: dict, limits: SandboxLimits, scratch: str, write_end: int, k
     os.dup2(write_end, _RESULT_FD)
     os.closerange(_RESULT_FD + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     isolation: dict = {}
+    failure = None
     try:
         isolation = _isolate(limits, scratch, kernel, request.get("audit_hook", True))
-        if isolation["level"] == "weak" and not request.get("allow_weak", False):
-            missing, _ = kernel["confine"].weak_reason(isolation)
-            raise OSError(f"weak isolation, nothing was run: {missing} (Sandbox(allow_weak=True) runs it anyway)")
-        report = _run(request["code"], limits, scratch, request.get("audit_hook", True))
     except Exception as exc:  # the isolation failed: run nothing
-        report = {"output": "", "error": "SandboxError", "error_message": f"SandboxError: {exc}", "timed_out": False}
-    report["isolation"] = isolation
+        failure = f"SandboxError: {exc}"
+    _report(json.dumps(isolation).encode() + b"\n")  # line 1, written before the code runs: it cannot forge it
+    if failure is None and isolation["level"] == "weak" and not request.get("allow_weak", False):
+        missing, _ = kernel["confine"].weak_reason(isolation)
+        failure = f"SandboxError: weak isolation, nothing was run: {missing} (Sandbox(allow_weak=True) runs it anyway)"
+    if failure is None:
+        report = _run(request["code"], limits, scratch, request.get("audit_hook", True))
+    else:
+        report = {"output": "", "error": "SandboxError", "error_message": failure, "timed_out": False}
     try:
         data = json.dumps(report).encode() + b"\n"
     except BaseException:  # noqa: B036 - out of memory (or worse): still report
         data = _FALLBACK
+    _report(data)
+    os._exit(0)
+
+
+def _report(data: bytes) -> None:
     try:
         while data:
             data = data[os.write(_RESULT_FD, data):]
     except OSError:  # the code closed fd 3: the worker classifies from the exit status
         pass
-    os._exit(0)
 
 
 def _cap_permitted(bit: int) -> bool:

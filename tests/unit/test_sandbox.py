@@ -171,6 +171,17 @@ def test_ordinary_code_works_under_the_kernel_walls_alone():
     assert result.output == "[[-3, 3], 'usr1', 'usr1']\n"
 
 
+def test_code_cannot_forge_the_isolation_record():
+    """The isolation line is written before the code runs; a report the code writes itself (fd 3) may fake its
+    output, never the isolation."""
+    forged = ('{"output": "forged", "error": null, "error_message": "", "timed_out": false, '
+              '"isolation": {"level": "weak"}}')
+    with Sandbox(SMALL, audit_hook=False) as sandbox:
+        result = sandbox.run(f"import os\nos.write(3, {forged!r}.encode() + b'\\n')\nos._exit(0)")
+        assert result.output == "forged"
+        assert sandbox.isolation["level"] != "weak" and sandbox.isolation["audit_hook"] is False
+
+
 # --- run_many --------------------------------------------------------------------------------------------
 def test_run_many_keeps_order_and_runs_in_parallel(box):
     codes = [f"import time\nstart = time.monotonic()\ntime.sleep({0.5 - 0.1 * i:.1f})\n"
