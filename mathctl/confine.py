@@ -72,28 +72,7 @@ def landlock_rights(abi: int, network: bool) -> tuple[int, int, int]:
 def apply_landlock(abi: int, writable: str, *, network: bool, libc: ctypes.CDLL | None = None) -> None:
     """Restrict this thread (and what it forks) to writing beneath `writable`; raises OSError if the kernel
     refuses. Single-threaded callers only (a Landlock domain applies to the calling thread)."""
-    libc = libc or _libc()
-    fs, net, scopes = landlock_rights(abi, network)
-    size = 8 if abi < 4 else 16 if abi < 6 else 24
-    attr = ctypes.create_string_buffer(struct.pack("=QQQ", fs, net, scopes)[:size], size)
-    ruleset = libc.syscall(ctypes.c_long(_LANDLOCK_CREATE_RULESET), attr, ctypes.c_long(size), ctypes.c_long(0))
-    if ruleset < 0:
-        raise _errno_error("landlock_create_ruleset")
-    try:
-        for path, rights in ((writable, fs & ~(FS_EXECUTE | FS_IOCTL_DEV)),
-                             (os.devnull, fs & (FS_WRITE_FILE | FS_TRUNCATE))):
-            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-            try:
-                rule = ctypes.create_string_buffer(struct.pack("=Qi", rights, fd), 12)
-                if libc.syscall(ctypes.c_long(_LANDLOCK_ADD_RULE), ctypes.c_long(ruleset),
-                                ctypes.c_long(_RULE_PATH_BENEATH), rule, ctypes.c_long(0)) < 0:
-                    raise _errno_error(f"landlock_add_rule({path})")
-            finally:
-                os.close(fd)
-        if libc.syscall(ctypes.c_long(_LANDLOCK_RESTRICT_SELF), ctypes.c_long(ruleset), ctypes.c_long(0)) < 0:
-            raise _errno_error("landlock_restrict_self")
-    finally:
-        os.close(ruleset)
+    Confinement(network, libc=libc, landlock=abi, seccomp=False).apply(writable)
 
 
 def _errno_error(what: str) -> OSError:
@@ -176,7 +155,7 @@ CLONE_THREAD = 0x00010000
 CLONE_NAMESPACES = 0x7E020080  # NEWNS, NEWTIME, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET
 _X32_BIT = 0x40000000
 
-_LD_W_ABS, _JEQ, _JGE, _JSET, _RET = 0x20, 0x15, 0x35, 0x45, 0x06
+_LD_W_ABS, _JA, _JEQ, _JGE, _JSET, _RET = 0x20, 0x05, 0x15, 0x35, 0x45, 0x06
 _RET_KILL_PROCESS, _RET_ERRNO, _RET_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
 _NR, _ARCH, _ARG0 = 0, 4, 16  # offsets in struct seccomp_data (arg0's low 32 bits, little-endian)
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
@@ -196,40 +175,46 @@ def _op(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
 
 def filter_program(pid: int, *, network: bool, arch: str | None = None,
                    only: dict[str, int] | None = None) -> bytes:
-    """The BPF program (struct sock_filter[]) for a child whose pid is `pid`. `only` replaces the policy by a
-    plain {syscall name: errno} deny list (the tests use it to hide namespaces or Landlock from a process, as
-    Docker's default seccomp profile or an old kernel does)."""
+    """The BPF program (struct sock_filter[]) for a child whose pid is `pid`: a binary search over the syscall
+    numbers the policy names (a few comparisons per syscall, and a short program for the kernel to check),
+    allowing every other. `only` replaces the policy by a plain {syscall name: errno} deny list (the tests use
+    it to hide namespaces or Landlock from a process, as Docker's default seccomp profile or an old kernel)."""
     arch = arch or machine()
     table = SYSCALLS[arch]
     ret_eperm = _op(_RET, _RET_ERRNO | errno.EPERM)
     allow = _op(_RET, _RET_ALLOW)
+    blocks: dict[int, list[bytes]] = {}  # syscall number -> what happens once it matched (ends in a return)
+    if only is not None:
+        blocks = {table[name]: [_op(_RET, _RET_ERRNO | code)] for name, code in only.items() if name in table}
+    else:
+        for name in DENIED + (() if network else ("socket",)):
+            if name in table:
+                blocks[table[name]] = [ret_eperm]
+        blocks[table["clone3"]] = [_op(_RET, _RET_ERRNO | errno.ENOSYS)]  # flags in memory; glibc falls back to clone
+        # clone: threads only (CLONE_THREAD set, no namespace flag)
+        blocks[table["clone"]] = [_op(_LD_W_ABS, _ARG0), _op(_JSET, CLONE_THREAD, 0, 2),
+                                  _op(_JSET, CLONE_NAMESPACES, 1, 0), allow, ret_eperm]
+        for name in OWN_PROCESS + OWN_PROCESS_OR_ZERO:  # first argument our pid (or 0): allow, else EPERM
+            zero = name in OWN_PROCESS_OR_ZERO
+            blocks[table[name]] = [_op(_LD_W_ABS, _ARG0), _op(_JEQ, pid, 1 + zero, 0),
+                                   *([_op(_JEQ, 0, 1, 0)] if zero else []), ret_eperm, allow]
+
+    def tree(numbers: list[int]) -> list[bytes]:
+        if len(numbers) <= 3:  # a few equality tests, then allow
+            code: list[bytes] = []
+            for number in numbers:
+                code += [_op(_JEQ, number, 0, len(blocks[number])), *blocks[number]]
+            return code + [allow]
+        middle = len(numbers) // 2
+        low, high = tree(numbers[:middle]), tree(numbers[middle:])
+        # nr >= pivot: take the jump over the low half (JA has a 32-bit offset); else fall into it
+        return [_op(_JGE, numbers[middle], 0, 1), _op(_JA, len(low)), *low, *high]
+
     prog = [_op(_LD_W_ABS, _ARCH), _op(_JEQ, AUDIT_ARCH[arch], 1, 0), _op(_RET, _RET_KILL_PROCESS),
             _op(_LD_W_ABS, _NR)]
     if arch == "x86_64":  # x32 syscall numbers reach the same kernel code: refuse them all
         prog += [_op(_JGE, _X32_BIT, 0, 1), ret_eperm]
-
-    def deny(name: str, code: int = errno.EPERM) -> None:
-        if name in table:
-            prog.extend([_op(_JEQ, table[name], 0, 1), _op(_RET, _RET_ERRNO | code)])
-
-    if only is not None:
-        for name, code in only.items():
-            deny(name, code)
-        return b"".join(prog + [allow])
-    for name in DENIED + (() if network else ("socket",)):
-        deny(name)
-    deny("clone3", errno.ENOSYS)  # its flags live in memory a filter cannot read; glibc then uses clone
-    # clone: allowed for threads only (CLONE_THREAD set, no namespace flag)
-    prog += [_op(_JEQ, table["clone"], 0, 5), _op(_LD_W_ABS, _ARG0), _op(_JSET, CLONE_THREAD, 0, 2),
-             _op(_JSET, CLONE_NAMESPACES, 1, 0), allow, ret_eperm]
-    for name in OWN_PROCESS + OWN_PROCESS_OR_ZERO:
-        zero = name in OWN_PROCESS_OR_ZERO
-        # nr matches -> load arg0 -> our pid (or 0) -> allow, else EPERM; A stays nr on the skip path
-        prog += [_op(_JEQ, table[name], 0, 4 + zero), _op(_LD_W_ABS, _ARG0), _op(_JEQ, pid, 1 + zero, 0)]
-        if zero:
-            prog.append(_op(_JEQ, 0, 1, 0))
-        prog += [ret_eperm, allow]
-    return b"".join(prog + [allow])
+    return b"".join(prog + tree(sorted(blocks)))
 
 
 class _SockFprog(ctypes.Structure):
@@ -244,6 +229,58 @@ def apply_seccomp(program: bytes, libc: ctypes.CDLL | None = None) -> None:
     if libc.prctl(ctypes.c_int(_PR_SET_SECCOMP), ctypes.c_ulong(_SECCOMP_MODE_FILTER), ctypes.byref(fprog),
                   ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
         raise _errno_error("seccomp")
+
+
+# --- prepared once per worker, applied by each child ---------------------------------------------------------
+PID_PLACEHOLDER = 0x7FFFFFFF  # above any pid (pid_max <= 2**22): filter_program's own-pid checks, patched per child
+
+
+class Confinement:
+    """What a child applies to itself, prepared in the worker before it forks (buffers, the BPF program with
+    a placeholder pid): the child then runs little Python, so it copies few pages and starts fast."""
+
+    def __init__(self, network: bool, *, libc: ctypes.CDLL | None = None, landlock: int | None = None,
+                 seccomp: bool | None = None):
+        self.libc = libc or _libc()
+        self.network = network
+        self.landlock = landlock_abi(self.libc) if landlock is None else landlock
+        self.seccomp = seccomp_supported() if seccomp is None else seccomp
+        fs, net, scopes = landlock_rights(self.landlock, network)
+        size = 8 if self.landlock < 4 else 16 if self.landlock < 6 else 24
+        self._attr = ctypes.create_string_buffer(struct.pack("=QQQ", fs, net, scopes)[:size], size)
+        self._size = ctypes.c_long(size)
+        self._rights = (fs & ~(FS_EXECUTE | FS_IOCTL_DEV), fs & (FS_WRITE_FILE | FS_TRUNCATE))
+        self._rule = ctypes.create_string_buffer(12)
+        self._args = [ctypes.c_long(n) for n in (_LANDLOCK_CREATE_RULESET, _LANDLOCK_ADD_RULE,
+                                                 _LANDLOCK_RESTRICT_SELF, _RULE_PATH_BENEATH, 0)]
+        self._template = filter_program(PID_PLACEHOLDER, network=network) if self.seccomp else b""
+        self._placeholder = struct.pack("=I", PID_PLACEHOLDER)
+
+    def apply(self, writable: str) -> None:
+        """Landlock (writes beneath `writable`), then the seccomp filter for this process; OSError if refused."""
+        if self.landlock:
+            self._apply_landlock(writable)
+        if self.seccomp:
+            apply_seccomp(self._template.replace(self._placeholder, struct.pack("=I", os.getpid())), self.libc)
+
+    def _apply_landlock(self, writable: str) -> None:
+        syscall, (create, add, restrict, beneath, zero) = self.libc.syscall, self._args
+        ruleset = syscall(create, self._attr, self._size, zero)
+        if ruleset < 0:
+            raise _errno_error("landlock_create_ruleset")
+        try:
+            for path, rights in ((writable, self._rights[0]), (os.devnull, self._rights[1])):
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+                try:
+                    struct.pack_into("=Qi", self._rule, 0, rights, fd)
+                    if syscall(add, ctypes.c_long(ruleset), beneath, self._rule, zero) < 0:
+                        raise _errno_error(f"landlock_add_rule({path})")
+                finally:
+                    os.close(fd)
+            if syscall(restrict, ctypes.c_long(ruleset), zero) < 0:
+                raise _errno_error("landlock_restrict_self")
+        finally:
+            os.close(ruleset)
 
 
 # --- what a child got -------------------------------------------------------------------------------------

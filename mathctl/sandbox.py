@@ -302,8 +302,9 @@ def _serve() -> None:
     builtins.exit = builtins.quit = sys.exit  # as without -S
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
-    kernel = {"confine": confine, "libc": libc, "landlock": confine.landlock_abi(libc),
-              "seccomp": confine.seccomp_supported()}
+    prepared = {network: confine.Confinement(network, libc=libc) for network in (False, True)}
+    kernel = {"confine": confine, "libc": libc, "prepared": prepared, "landlock": prepared[False].landlock,
+              "seccomp": prepared[False].seccomp}
     for line in sys.stdin.buffer:
         sys.stdout.buffer.write(json.dumps(_execute(json.loads(line), root, kernel)).encode() + b"\n")
         sys.stdout.buffer.flush()
@@ -499,10 +500,7 @@ def _isolate(limits: SandboxLimits, scratch: str, kernel: dict, audit_hook: bool
     os.environ.clear()
     os.environ.update(_ENV, HOME=scratch, TMPDIR=scratch)
     # the kernel's walls last: each is refused as a whole (SandboxError) rather than half applied
-    if kernel["landlock"]:
-        confine.apply_landlock(kernel["landlock"], scratch, network=limits.network, libc=libc)
-    if kernel["seccomp"]:
-        confine.apply_seccomp(confine.filter_program(os.getpid(), network=limits.network), libc)
+    kernel["prepared"][limits.network].apply(scratch)
     return {"level": confine.level(kernel["landlock"], kernel["seccomp"], uid, netns),
             "landlock": kernel["landlock"], "seccomp": kernel["seccomp"], "uid": uid, "netns": netns,
             "network": limits.network, "audit_hook": audit_hook}

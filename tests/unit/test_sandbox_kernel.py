@@ -183,23 +183,71 @@ def test_landlock_rights_follow_the_abi():
     assert confine.landlock_rights(7, network=True)[1] == 0
 
 
-@pytest.mark.parametrize("arch", list(confine.SYSCALLS))
-def test_filter_program_is_well_formed(arch):
+def _run_bpf(program: bytes, nr: int, arch: int, arg0: int = 0) -> int:
+    """A classic-BPF interpreter over struct seccomp_data (the instructions filter_program emits)."""
     import struct
 
-    program = confine.filter_program(4242, network=False, arch=arch)
-    assert len(program) % 8 == 0 and len(program) // 8 < 4096
     ops = [struct.unpack("=HBBI", program[i:i + 8]) for i in range(0, len(program), 8)]
-    assert ops[0] == (0x20, 0, 0, 4) and ops[1][3] == confine.AUDIT_ARCH[arch]  # architecture checked first
-    for index, (code, jt, jf, _) in enumerate(ops):
-        if code & 0x07 == 0x05:  # a jump stays inside the program
-            assert index + 1 + max(jt, jf) < len(ops)
-    assert ops[-1] == (0x06, 0, 0, 0x7FFF0000)
-    table = confine.SYSCALLS[arch]
-    denied = {k for code, _, _, k in ops if code == 0x15} & {table[n] for n in confine.DENIED if n in table}
-    assert table["execve"] in denied and table["ptrace"] in denied and table["mount"] in denied
-    with_network = confine.filter_program(4242, network=True, arch=arch)
-    assert len(with_network) == len(program) - 16  # socket() is the only difference
+    data = struct.pack("=iIQ6Q", nr, arch, 0, arg0 & 0xFFFFFFFFFFFFFFFF, 0, 0, 0, 0, 0)
+    acc, pc = 0, 0
+    for _ in range(len(ops)):
+        code, jt, jf, k = ops[pc]
+        if code == 0x20:
+            acc = struct.unpack_from("=I", data, k)[0]
+        elif code == 0x06:
+            return k
+        elif code == 0x05:
+            pc += k
+        else:
+            taken = {0x15: acc == k, 0x35: acc >= k, 0x45: bool(acc & k)}[code]
+            pc += jt if taken else jf
+        pc += 1
+    raise AssertionError("the program ran off its end")
+
+
+@pytest.mark.parametrize("arch", list(confine.SYSCALLS))
+def test_filter_program_decides_every_syscall(arch):
+    """Every syscall number of the architecture through the program: the named ones refused, clone only for
+    threads, signals and scheduling only towards our own pid, socket() only with the network on."""
+    import errno
+
+    table, audit = confine.SYSCALLS[arch], confine.AUDIT_ARCH[arch]
+    eperm, allow = 0x00050000 | errno.EPERM, 0x7FFF0000
+    for network in (False, True):
+        program = confine.filter_program(4242, network=network, arch=arch)
+        assert len(program) % 8 == 0 and len(program) // 8 < 4096
+        denied = {table[n] for n in confine.DENIED if n in table} | (set() if network else {table["socket"]})
+        special = {table[n] for n in ("clone", "clone3", *confine.OWN_PROCESS, *confine.OWN_PROCESS_OR_ZERO)}
+        for nr in range(0, 520):
+            want = eperm if nr in denied else None if nr in special else allow
+            if want is not None:
+                assert _run_bpf(program, nr, audit) == want, (arch, network, nr)
+        assert _run_bpf(program, table["clone3"], audit) == 0x00050000 | errno.ENOSYS
+        thread = 0x00010000 | 0x800 | 0x100
+        assert _run_bpf(program, table["clone"], audit, thread) == allow
+        assert _run_bpf(program, table["clone"], audit, 17) == eperm                    # fork-like
+        assert _run_bpf(program, table["clone"], audit, thread | 0x40000000) == eperm   # thread in a new netns
+        for name in confine.OWN_PROCESS + confine.OWN_PROCESS_OR_ZERO:
+            assert _run_bpf(program, table[name], audit, 4242) == allow
+            assert _run_bpf(program, table[name], audit, 4243) == eperm
+            assert _run_bpf(program, table[name], audit, -1) == eperm
+            assert _run_bpf(program, table[name], audit, 0) == (allow if name in confine.OWN_PROCESS_OR_ZERO else eperm)
+        other = next(a for a in confine.AUDIT_ARCH.values() if a != audit)
+        assert _run_bpf(program, 0, other) == 0x80000000  # another syscall ABI: killed
+        assert _run_bpf(program, 0x40000000 | 1, audit) == (eperm if arch == "x86_64" else allow)
+    only = confine.filter_program(0, network=True, arch=arch, only={"unshare": errno.EPERM,
+                                                                      "landlock_create_ruleset": errno.ENOSYS})
+    assert _run_bpf(only, table["unshare"], audit) == eperm
+    assert _run_bpf(only, table["landlock_create_ruleset"], audit) == 0x00050000 | errno.ENOSYS
+    assert _run_bpf(only, table["execve"], audit) == allow
+
+
+def test_prepared_confinement_patches_only_the_pid():
+    prepared = confine.Confinement(network=False, landlock=7, seccomp=confine.seccomp_supported())
+    if not prepared.seccomp:
+        pytest.skip("no seccomp filter on this architecture")
+    patched = prepared._template.replace(prepared._placeholder, (4242).to_bytes(4, "little"))
+    assert patched == confine.filter_program(4242, network=False)
 
 
 def test_weak_reason_names_what_is_missing():
