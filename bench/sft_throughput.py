@@ -169,7 +169,8 @@ class StepClock:
 
 def step_order(cfg, tokenizer) -> tuple[list[list[dict]], list[list[int]]]:
     """The conversations mathctl trains on and, per optimiser step, the indices into them (mathctl's order)."""
-    from mathctl.sft import IGNORE, StepPlan, load_rows, row_to_messages, tokenize_conversation
+    from mathctl.sft import IGNORE, load_rows, row_to_messages, tokenize_conversation
+    from mathctl.training import StepPlan
 
     rows = load_rows(cfg.data)
     conversations = [row_to_messages(row, cfg.data, i) for i, row in enumerate(rows)]

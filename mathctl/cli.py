@@ -120,10 +120,16 @@ def run_step(step: str, *, recipe: str | None, overrides: list[str] | None, alia
     cfg, name = load_recipe(step, config_cls, recipe, overrides, aliases)
     resolved = dump_yaml(cfg)
     if dry_run:
+        from mathctl.models import attention_plan
+
+        attention = attention_plan(cfg)
         if as_json:
-            _emit({"status": "valid", "step": step, "recipe": cfg.model_dump(mode="json")}, True)
+            _emit({"status": "valid", "step": step, "recipe": cfg.model_dump(mode="json"),
+                   **({"attention": attention} if attention else {})}, True)
         else:
             sys.stdout.write(resolved)
+            if attention:
+                sys.stdout.write(f"# attention: {attention['cuda']} on a CUDA GPU, {attention['cpu']} on CPU\n")
         return
     launch = getattr(cfg, "launch", None)
     if slurm and launch is None:

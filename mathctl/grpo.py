@@ -67,11 +67,11 @@ from pydantic import Field, model_validator
 from mathctl.core.config import (
     EngineConfig,
     LaunchConfig,
+    LMTrainBase,
     LoraSpec,
     ModelSpec,
     OutputConfig,
     Strict,
-    TrainBase,
     check_lora_launch,
 )
 from mathctl.core.console import console, log, progress
@@ -145,7 +145,7 @@ class GRPOSpec(Strict):
         "log(1 / top_p). null: no check.")
 
 
-class GRPOTrain(TrainBase):
+class GRPOTrain(LMTrainBase):
     lr: float = Field(1e-6, gt=0, description="Peak learning rate (AdamW).")
     micro_batch_size: int = Field(4, ge=1, description="Completions per forward pass.")
     max_steps: int | None = Field(None, ge=1, description="Rollout steps (default: epochs over the prompts).")
@@ -474,22 +474,24 @@ def build_batch(items: list[dict[str, Any]], pad_id: int, device):
             "completion_mask": cmask.to(device), "completion_ids": ids[:, p_len:].to(device), "c_len": c_len}
 
 
-def completion_logprobs(model, batch: dict[str, Any], temperature: float, *, entropy: bool = False):
-    """log p(token) of every completion position under logits / temperature; optionally the entropy."""
-    import torch
+def completion_logprobs(model, batch: dict[str, Any], temperature: float, *, entropy: bool = False,
+                        chunk_tokens: int | None = 1024):
+    """log p(token) of every completion position under logits / temperature; optionally the entropy. With
+    `chunk_tokens` the LM head works that many positions at a time (mathctl/losses.py): no [B, C, V] fp32
+    logits are held; None (or a model that changes its logits after the head) takes the full-logits path."""
+    from mathctl import losses
 
     c_len = batch["c_len"]
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], use_cache=False, logits_to_keep=c_len + 1)
-    logits = out.logits[:, :-1, :].float() / temperature  # position P-1+j predicts completion token j
-    lse = torch.logsumexp(logits, dim=-1)
-    logps = logits.gather(-1, batch["completion_ids"][..., None])[..., 0] - lse
-    ent = None
-    if entropy:
-        with torch.no_grad():
-            probs = torch.softmax(logits, -1)
-            ent = lse - (probs * logits).sum(-1)
-    return logps, ent
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "position_ids": batch["position_ids"], "use_cache": False, "logits_to_keep": c_len + 1}
+    if chunk_tokens and losses.chunked_head_supported(model):
+        # position P-1+j predicts completion token j: the head's last position has no target
+        with losses.head_logprobs(model, batch["completion_ids"], temperature=temperature, chunk_tokens=chunk_tokens,
+                                  entropy=entropy, drop_last=True) as head:
+            model(**inputs)
+        return head.logprobs, head.entropy
+    logits = model(**inputs).logits[:, :-1, :]
+    return losses.plain_logprobs(logits, batch["completion_ids"], temperature=temperature, entropy=entropy)
 
 
 # --- run --------------------------------------------------------------------------------------
@@ -535,10 +537,11 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
         f"{g.prompts_per_step} prompts x {g.group_size} completions")
 
     # --- policy, reference, engine
-    model = models.load_causal_lm(cfg.model, device_type=dist.device.type)
+    model = models.load_causal_lm(cfg.model, device_type=dist.device.type, compute=cfg.train.precision)
     ref_model = None
     if g.beta > 0 and not cfg.lora.enabled:
-        ref_model = models.load_causal_lm(cfg.model, device_type=dist.device.type).to(dist.device).eval()
+        ref_model = models.load_causal_lm(cfg.model, device_type=dist.device.type,
+                                          compute=cfg.train.precision).to(dist.device).eval()
         ref_model.requires_grad_(False)
     model = training.adapt_model(model, cfg.train, cfg.lora, dist.device)
     model = training.shard_model(model, cfg.launch, cfg.train, dist)
@@ -567,20 +570,26 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
             engine.load_weights(engine_weights(model, cfg.lora))
             return time.perf_counter() - started
 
-        # --- resume
+        # --- resume: the prompts of each step and the schedule do not depend on the number of processes
+        facts = {"prompts": len(rows), "prompts_per_step": g.prompts_per_step, "group_size": g.group_size,
+                 "total_steps": total_steps}
         start_step = 0
         latest = run_dir.latest_checkpoint()
         if latest is not None:
+            moved = training.check_resume(latest, dist, facts, hint="resume on {world} process(es) with the recipe "
+                                          "that wrote the checkpoint")
             state = training.load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler, dist=dist)
             start_step = state["step"]
             log(f"resumed from {latest.name}: continuing at step {start_step}")
+            if moved and dist.is_main:
+                run_dir.update_meta(resumed_on_other_world=moved)
             push_weights()
         if dist.is_main:
             run_dir.truncate_metrics(start_step)
 
         def save(step: int) -> None:
             training.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                     trainer_state={"rollout_step": step}, dist=dist,
+                                     trainer_state={"rollout_step": step, **facts}, dist=dist,
                                      keep_last=cfg.output.keep_last_checkpoints, hf=cfg.output.save_hf_checkpoints,
                                      tokenizer=tokenizer, lora=cfg.lora, chat_template=tokenizer.chat_template)
 
@@ -595,7 +604,7 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
                 for i in range(0, len(items), cfg.train.micro_batch_size):
                     chunk = items[i:i + cfg.train.micro_batch_size]
                     batch = build_batch(chunk, tokenizer.pad_token_id, dist.device)
-                    lp, _ = completion_logprobs(which, batch, g.temperature)
+                    lp, _ = completion_logprobs(which, batch, g.temperature, chunk_tokens=cfg.train.logits_chunk_tokens)
                     out += [lp[r, :len(it["completion_ids"])].tolist() for r, it in enumerate(chunk)]
             return out
 
@@ -702,6 +711,7 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
                     with ref_context():
                         refs = logprobs_of(items, ref_model if ref_model is not None else model)
                 model.train()
+                logged = (step + 1) % cfg.train.log_every_steps == 0 or step + 1 == total_steps  # entropy then only
                 local_stats = {"kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0.0, "active_tokens": 0.0, "loss": 0.0}
                 meter = MismatchMeter()
                 gap: tuple[float | None, float] | None = None
@@ -733,17 +743,21 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
                             mask = batch["completion_mask"] * torch.tensor([float(it["active"]) for it in chunk],
                                                                           device=dist.device)[:, None]
                             first = epoch == 0  # statistics of the rollout policy: the first pass only
-                            with training.autocast(cfg.train, dist, model):
-                                logps, ent = completion_logprobs(model, batch, g.temperature, entropy=epoch == 0)
-                            old_t = logps.detach() if reuse_old else _pad_rows([old[i] for i in chunk_ids], logps)
-                            weights = weigh(chunk, old_t, mask, meter if reuse_old else None)
-                            ref_t = _pad_rows([refs[i] for i in chunk_ids], logps) if refs is not None else None
-                            adv = torch.tensor([it["advantage"] for it in chunk], device=dist.device)
-                            terms = token_losses(logps, old_t, adv, mask, epsilon_low=eps_low, epsilon_high=eps_high,
-                                                 beta=g.beta, ref_logps=ref_t, is_weights=weights)
-                            loss = aggregate(terms["loss"], mask, g.loss_type, num_sequences=n_seq, num_tokens=n_tok,
-                                             max_completion_len=g.max_completion_len)
-                            (loss * dist.world).backward()  # FSDP/DDP average over ranks; the loss is already global
+                            last = m + cfg.train.micro_batch_size >= len(part)  # gradients reduced then
+                            with training.grad_sync(model, cfg.train, last=last):
+                                with training.autocast(cfg.train, dist, model):
+                                    logps, ent = completion_logprobs(model, batch, g.temperature,
+                                                                    entropy=epoch == 0 and logged,
+                                                                    chunk_tokens=cfg.train.logits_chunk_tokens)
+                                old_t = logps.detach() if reuse_old else _pad_rows([old[i] for i in chunk_ids], logps)
+                                weights = weigh(chunk, old_t, mask, meter if reuse_old else None)
+                                ref_t = _pad_rows([refs[i] for i in chunk_ids], logps) if refs is not None else None
+                                adv = torch.tensor([it["advantage"] for it in chunk], device=dist.device)
+                                terms = token_losses(logps, old_t, adv, mask, epsilon_low=eps_low, epsilon_high=eps_high,
+                                                     beta=g.beta, ref_logps=ref_t, is_weights=weights)
+                                loss = aggregate(terms["loss"], mask, g.loss_type, num_sequences=n_seq, num_tokens=n_tok,
+                                                 max_completion_len=g.max_completion_len)
+                                (loss * dist.world).backward()  # FSDP/DDP average over ranks; the loss is already global
                             if first:
                                 full = batch["completion_mask"]
                                 local_stats["loss"] += float(loss.detach())
@@ -786,13 +800,15 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
                     **{f"reward/{name}": s / count for name, s in zip(reward_names, fn_sums)},
                     "completion_len": len_sum / count, "truncated_frac": trunc / count,
                     "zero_std_groups_frac": zero_groups / (count / g.group_size), "active_frac": active_n / count,
-                    "clip_frac": clipped / max(active_tok, 1), "entropy": entropy / max(tok, 1), "loss": loss_sum / g.mini_batches,
+                    "clip_frac": clipped / max(active_tok, 1), "loss": loss_sum / g.mini_batches,
                     "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                     "generation_s": gen_s, "reward_s": reward_s, "train_s": train_s, "weight_sync_s": sync_s,
                     "elapsed_s": time.perf_counter() - started,
                 })
                 if "correctness" in per_fn:
                     record["accuracy"] = correct / count
+                if logged:
+                    record["entropy"] = entropy / max(tok, 1)
                 if g.beta > 0:
                     record["kl"] = kl / max(active_tok, 1)
                 if gap[0] is not None:

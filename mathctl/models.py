@@ -235,10 +235,18 @@ def load_tokenizer(spec: ModelSpec, *, require_chat_template: bool = True):
     return tokenizer
 
 
-def pick_attn_implementation(requested: str, device_type: str) -> str:
+def pick_attn_implementation(requested: str, device_type: str, compute: str = "fp32") -> str:
+    """The attention kernel for `compute` precision ("fp32", "bf16", "fp16": the dtype the attention sees, so
+    bf16 mixed precision counts as bf16). `auto`: flash-attn on CUDA with half-precision compute when it
+    imports (it has no fp32 kernels), else sdpa. flash_attention_2 asked for with fp32 compute is refused."""
+    half = compute in ("bf16", "fp16", "bfloat16", "float16")
+    if requested == "flash_attention_2" and not half:
+        raise ConfigError("model.attn_implementation=flash_attention_2 needs bf16 or fp16 compute; this run computes "
+                          "in fp32", hint="set train.precision=bf16 (engine.dtype=bfloat16 for inference), or "
+                          "model.attn_implementation=sdpa")
     if requested != "auto":
         return requested
-    if device_type == "cuda":
+    if device_type == "cuda" and half:
         try:
             import flash_attn  # noqa: F401
 
@@ -248,8 +256,36 @@ def pick_attn_implementation(requested: str, device_type: str) -> str:
     return "sdpa"
 
 
-def load_causal_lm(spec: ModelSpec, *, dtype=None, device_type: str = "cpu", model_cls=None):
-    """`from_pretrained` for a causal LM (or `model_cls`), with the spec's attention and trust settings."""
+def attention_plan(cfg: Any) -> dict[str, str] | None:
+    """The attention kernel a step's recipe gets on a CUDA GPU and on CPU (what `--dry-run` shows); None for
+    steps without a model. Raises ConfigError for flash-attn with fp32 compute."""
+    spec = getattr(cfg, "model", None)
+    if not isinstance(spec, ModelSpec):
+        return None
+    train, engine = getattr(cfg, "train", None), getattr(cfg, "engine", None)
+    if train is not None and hasattr(train, "precision"):
+        compute = {"cuda": train.precision, "cpu": train.precision}
+    else:  # inference: the engine's dtype (auto: bf16 on CUDA, fp32 on CPU)
+        dtype = getattr(engine, "dtype", "auto")
+        named = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "fp32")
+        compute = {"cuda": "bf16" if dtype == "auto" else named, "cpu": "fp32" if dtype == "auto" else named}
+    plan = {}
+    for device in ("cuda", "cpu"):
+        choice = pick_attn_implementation(spec.attn_implementation, device, compute[device])
+        plan[device] = f"{choice} ({compute[device]} compute)"
+    return plan
+
+
+def compute_name(dtype) -> str:
+    """"fp32" / "bf16" / "fp16" for a torch dtype (None: fp32)."""
+    import torch
+
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
+def load_causal_lm(spec: ModelSpec, *, dtype=None, device_type: str = "cpu", model_cls=None, compute: str | None = None):
+    """`from_pretrained` for a causal LM (or `model_cls`), with the spec's attention and trust settings.
+    `compute`: the precision the forward runs in (train.precision under mixed precision); default: `dtype`'s."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -258,7 +294,8 @@ def load_causal_lm(spec: ModelSpec, *, dtype=None, device_type: str = "cpu", mod
     try:
         return cls.from_pretrained(
             name, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
-            dtype=dtype or torch.float32, attn_implementation=pick_attn_implementation(spec.attn_implementation, device_type),
+            dtype=dtype or torch.float32, attn_implementation=pick_attn_implementation(spec.attn_implementation, device_type,
+                                                         compute or compute_name(dtype)),
         )
     except OSError as exc:
         raise CheckpointError(f"cannot load model {name}: {str(exc).splitlines()[0]}",

@@ -300,7 +300,8 @@ def split_pairs(pairs: list[dict[str, Any]], fraction: float, seed: int) -> tupl
 # --- model --------------------------------------------------------------------------------------
 
 
-def load_reward_model(spec: ModelSpec, tokenizer, *, device_type: str = "cpu", init_std: float = 0.001, seed: int = 0):
+def load_reward_model(spec: ModelSpec, tokenizer, *, device_type: str = "cpu", init_std: float = 0.001, seed: int = 0,
+                      compute: str = "fp32"):
     """`AutoModelForSequenceClassification` with one label from a causal LM (new head, near-zero
     init) or from an earlier reward model (head kept)."""
     import torch
@@ -312,7 +313,7 @@ def load_reward_model(spec: ModelSpec, tokenizer, *, device_type: str = "cpu", i
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             name, num_labels=1, revision=spec.revision, trust_remote_code=spec.trust_remote_code, dtype=torch.float32,
-            attn_implementation=models.pick_attn_implementation(spec.attn_implementation, device_type),
+            attn_implementation=models.pick_attn_implementation(spec.attn_implementation, device_type, compute),
             output_loading_info=True)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load {name} as a reward model: {str(exc).splitlines()[0]}",
@@ -385,7 +386,6 @@ def run(cfg: RMConfig, run_dir: RunDir) -> dict[str, Any]:
 
     from mathctl import models, training
     from mathctl.core.io import atomic_write_json, atomic_write_text
-    from mathctl.sft import StepPlan
 
     dist = training.init_distributed(cfg.launch)
     training.set_seed(cfg.train.seed)
@@ -396,7 +396,7 @@ def run(cfg: RMConfig, run_dir: RunDir) -> dict[str, Any]:
     rows = load_pairs(cfg.data, cfg.rm.kind)
     pairs, truncated = encode_pairs(rows, cfg, tokenizer)
     train_pairs, eval_pairs = split_pairs(pairs, cfg.data.eval_fraction, cfg.data.shuffle_seed)
-    plan = StepPlan(len(train_pairs), cfg.train, dist.world, cfg.data.shuffle_seed)
+    plan = training.StepPlan(len(train_pairs), cfg.train, dist.world, cfg.data.shuffle_seed)
     stats = {"pairs": len(pairs), "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
              "questions": len({p["group"] for p in pairs}), "truncated_texts": truncated, "kind": cfg.rm.kind}
     if dist.is_main:
@@ -405,7 +405,7 @@ def run(cfg: RMConfig, run_dir: RunDir) -> dict[str, Any]:
         f"{plan.total_steps} steps of {plan.global_batch} pairs")
 
     model = load_reward_model(cfg.model, tokenizer, device_type=dist.device.type, init_std=cfg.rm.head_init_std,
-                              seed=cfg.train.seed)
+                              seed=cfg.train.seed, compute=cfg.train.precision)
     # SEQ_CLS: the score head is trained in full beside the adapters
     model = training.adapt_model(model, cfg.train, cfg.lora, dist.device, task_type="SEQ_CLS")
     capture = _Capture(model)
@@ -420,9 +420,12 @@ def run(cfg: RMConfig, run_dir: RunDir) -> dict[str, Any]:
     start_step = 0
     latest = run_dir.latest_checkpoint()
     if latest is not None:
+        moved = training.check_resume(latest, dist, plan.facts(), hint=plan.resume_hint())
         state = training.load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler, dist=dist)
         start_step = state["step"]
         log(f"resumed from {latest.name}: continuing at step {start_step}")
+        if moved and dist.is_main:
+            run_dir.update_meta(resumed_on_other_world=moved)
     if dist.is_main:
         run_dir.truncate_metrics(start_step)
 
@@ -436,16 +439,15 @@ def run(cfg: RMConfig, run_dir: RunDir) -> dict[str, Any]:
         if not eval_pairs:
             return None
         model.eval()
-        mine = eval_pairs[dist.rank::dist.world]
         loss_sum = correct = count = margin = 0.0
         with torch.no_grad(), training.autocast(cfg.train, dist, model):
-            for i in range(0, len(mine), cfg.train.micro_batch_size):
-                chunk = mine[i:i + cfg.train.micro_batch_size]
+            for chunk, weights in training.held_out_share(eval_pairs, dist, cfg.train.micro_batch_size):
                 c, r = pair_scores(chunk)
-                loss_sum += float(pairwise_loss(c, r, reduction="sum"))
-                correct += float((c > r).sum())
-                margin += float((c - r).sum())
-                count += len(chunk)
+                w = torch.tensor(weights, device=c.device)  # 0 for padding copies
+                loss_sum += float(pairwise_loss(c, r, w, reduction="sum"))
+                correct += float(((c > r).float() * w).sum())
+                margin += float(((c - r).float() * w).sum())
+                count += sum(weights)
         loss_sum, correct, count, margin = dist.all_reduce_sum([loss_sum, correct, count, margin])
         model.train()
         return {"eval_loss": loss_sum / max(count, 1), "eval_accuracy": correct / max(count, 1),
@@ -453,7 +455,7 @@ def run(cfg: RMConfig, run_dir: RunDir) -> dict[str, Any]:
 
     def save(step: int) -> None:
         training.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                 trainer_state={"epoch": plan.epoch_of(step)}, dist=dist,
+                                 trainer_state={"epoch": plan.epoch_of(step), **plan.facts()}, dist=dist,
                                  keep_last=cfg.output.keep_last_checkpoints, hf=cfg.output.save_hf_checkpoints,
                                  tokenizer=tokenizer, lora=cfg.lora, chat_template=tokenizer.chat_template)
 
@@ -471,12 +473,14 @@ def run(cfg: RMConfig, run_dir: RunDir) -> dict[str, Any]:
             global_indices = plan.step_indices(step)
             normalizer = sum(weights_all[i] for i in global_indices)
             step_loss = step_correct = 0.0
-            for indices in plan.micro_batches(step, dist.rank):
+            micro = plan.micro_batches(step, dist.rank)
+            for j, indices in enumerate(micro):
                 batch = [train_pairs[i] for i in indices]
-                with training.autocast(cfg.train, dist, model):
-                    c, r = pair_scores(batch)
-                loss = pairwise_loss(c, r, [p["weight"] for p in batch], cfg.rm.loss_reduction, normalizer)
-                (loss * dist.world).backward()  # FSDP/DDP average over ranks; the loss is already global
+                with training.grad_sync(model, cfg.train, last=j == len(micro) - 1):
+                    with training.autocast(cfg.train, dist, model):
+                        c, r = pair_scores(batch)
+                    loss = pairwise_loss(c, r, [p["weight"] for p in batch], cfg.rm.loss_reduction, normalizer)
+                    (loss * dist.world).backward()  # FSDP/DDP average over ranks; the loss is already global
                 step_loss += float(loss.detach())
                 step_correct += float((c.detach() > r.detach()).sum())
             grad_norm = training.clip_grad_norm(model, cfg.train.max_grad_norm)

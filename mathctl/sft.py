@@ -23,15 +23,15 @@ from pydantic import Field, model_validator
 
 from mathctl.core.config import (
     LaunchConfig,
+    LMTrainBase,
     LoraSpec,
     ModelSpec,
     OutputConfig,
     Strict,
-    TrainBase,
     check_lora_launch,
 )
 from mathctl.core.console import console, log, progress
-from mathctl.core.errors import ConfigError, DataError
+from mathctl.core.errors import DataError
 from mathctl.core.rundir import RunDir
 
 IGNORE = -100
@@ -76,7 +76,7 @@ class SFTData(Strict):
     synthetic: SyntheticData = Field(default_factory=SyntheticData)
 
 
-class SFTTrain(TrainBase):
+class SFTTrain(LMTrainBase):
     """SFT-specific training settings on top of the shared optimiser/schedule ones."""
 
     max_seq_len: int = Field(2048, ge=8, description="Tokens per sample; longer samples are truncated (counted in stats).")
@@ -421,14 +421,18 @@ def collate(examples: list[dict], *, packing: bool, pad_id: int, attn_implementa
     return batch
 
 
-def token_nll_sum(model, batch: dict[str, Any], device) -> Any:
+def token_nll_sum(model, batch: dict[str, Any], device, chunk_tokens: int | None = 1024) -> Any:
     """Sum of next-token negative log-likelihoods over trained positions (fp32 log-softmax).
 
     Only positions that have a target go through the LM head (`logits_to_keep`), which saves the
     [T, V] projection and its memory for prompt tokens; models whose forward lacks that argument
-    (some remote-code models) compute all logits.
+    (some remote-code models) compute all logits. With `chunk_tokens` the head works that many positions
+    at a time (mathctl/losses.py): no [T, V] fp32 logits are held; None (or a model that changes its logits
+    after the head) takes the full-logits path.
     """
     import torch
+
+    from mathctl import losses
 
     inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items() if k != "targets"}
     targets = batch["targets"].to(device)  # [B, T]
@@ -436,6 +440,10 @@ def token_nll_sum(model, batch: dict[str, Any], device) -> Any:
         keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(-1)  # [K] positions with a target in any row
         inputs["logits_to_keep"] = keep
         targets = targets[:, keep]
+    if chunk_tokens and losses.chunked_head_supported(model):
+        with losses.head_logprobs(model, targets, chunk_tokens=chunk_tokens) as head:
+            model(**inputs, use_cache=False)
+        return -head.logprobs.sum()
     logits = model(**inputs, use_cache=False).logits  # [B, K, V]
     return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
                                              reduction="sum")
@@ -459,51 +467,6 @@ def count_targets(examples: list[dict]) -> int:
     return sum(sum(1 for t in targets_of(e["labels"]) if t != IGNORE) for e in examples)
 
 
-class StepPlan:
-    """Which examples each process uses in each micro-batch of each optimiser step.
-
-    The order is a seeded permutation per epoch, so the position in the data is a pure function of
-    the step number: resuming at step s needs nothing but s. A step's global batch is
-    `micro_batch_size * grad_accum_steps * world` samples; micro-batch j of rank r takes the slice
-    [(j * world + r) * mbs, ...) of it, so a 2-process run with grad_accum_steps k sees the same
-    samples per step as a 1-process run with 2k.
-    """
-
-    def __init__(self, num_examples: int, train: SFTTrain, world: int, seed: int):
-        self.n, self.mbs, self.accum, self.world, self.seed = num_examples, train.micro_batch_size, train.grad_accum_steps, world, seed
-        self.global_batch = self.mbs * self.accum * world
-        if num_examples < self.global_batch:
-            raise ConfigError(
-                f"the training data has {num_examples} rows, fewer than one optimiser step needs ({self.global_batch} = "
-                f"micro_batch_size {self.mbs} x grad_accum_steps {self.accum} x {world} processes)",
-                hint="add data or lower train.micro_batch_size / train.grad_accum_steps",
-            )
-        self.steps_per_epoch = num_examples // self.global_batch
-        self.total_steps = train.max_steps or max(1, int(train.epochs * self.steps_per_epoch))
-        self._orders: dict[int, list[int]] = {}
-
-    def _order(self, epoch: int) -> list[int]:
-        if epoch not in self._orders:
-            import random
-
-            order = list(range(self.n))
-            random.Random(self.seed * 1000003 + epoch).shuffle(order)
-            self._orders = {epoch: order}
-        return self._orders[epoch]
-
-    def step_indices(self, step: int) -> list[int]:
-        epoch, within = divmod(step, self.steps_per_epoch)
-        start = within * self.global_batch
-        return self._order(epoch)[start:start + self.global_batch]
-
-    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
-        indices = self.step_indices(step)
-        return [indices[(j * self.world + rank) * self.mbs:(j * self.world + rank + 1) * self.mbs] for j in range(self.accum)]
-
-    def epoch_of(self, step: int) -> float:
-        return step / self.steps_per_epoch
-
-
 # --- run ------------------------------------------------------------------------------------
 def run(cfg: SFTConfig, run_dir: RunDir) -> dict[str, Any]:
     """Train as the recipe says; returns the run summary (also written to summary.json)."""
@@ -522,7 +485,7 @@ def run(cfg: SFTConfig, run_dir: RunDir) -> dict[str, Any]:
 
     # --- data
     train_examples, eval_examples, stats = prepare_examples(cfg, tokenizer)
-    plan = StepPlan(len(train_examples), cfg.train, dist.world, cfg.data.shuffle_seed)
+    plan = training.StepPlan(len(train_examples), cfg.train, dist.world, cfg.data.shuffle_seed)
     target_counts = [count_targets([e]) for e in train_examples]  # once, not per step
     if dist.is_main:
         atomic_write_json(run_dir.path / "data_stats.json", stats)
@@ -530,8 +493,8 @@ def run(cfg: SFTConfig, run_dir: RunDir) -> dict[str, Any]:
         f"{plan.total_steps} steps of {plan.global_batch} samples")
 
     # --- model
-    attn = models.pick_attn_implementation(cfg.model.attn_implementation, dist.device.type)
-    model = models.load_causal_lm(cfg.model, device_type=dist.device.type)
+    attn = models.pick_attn_implementation(cfg.model.attn_implementation, dist.device.type, cfg.train.precision)
+    model = models.load_causal_lm(cfg.model, device_type=dist.device.type, compute=cfg.train.precision)
     if cfg.train.packing and attn == "sdpa":  # padding-free without flash-attn: sdpa per packed sample
         from mathctl import attention
 
@@ -550,15 +513,19 @@ def run(cfg: SFTConfig, run_dir: RunDir) -> dict[str, Any]:
     start_step, tokens_seen = 0, 0
     latest = run_dir.latest_checkpoint()
     if latest is not None:
+        moved = training.check_resume(latest, dist, plan.facts(), hint=plan.resume_hint())
         state = training.load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler, dist=dist)
         start_step, tokens_seen = state["step"], state.get("tokens_seen", 0)
+        if moved and dist.is_main:
+            run_dir.update_meta(resumed_on_other_world=moved)
         log(f"resumed from {latest.name}: continuing at step {start_step}")
     if dist.is_main:
         run_dir.truncate_metrics(start_step)
 
     def save(step: int) -> None:
         training.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                 trainer_state={"tokens_seen": tokens_seen, "epoch": plan.epoch_of(step)},
+                                 trainer_state={"tokens_seen": tokens_seen, "epoch": plan.epoch_of(step),
+                                                **plan.facts()},
                                  dist=dist, keep_last=cfg.output.keep_last_checkpoints, hf=cfg.output.save_hf_checkpoints,
                                  tokenizer=tokenizer, lora=cfg.lora, chat_template=chat_template)
 
@@ -566,14 +533,14 @@ def run(cfg: SFTConfig, run_dir: RunDir) -> dict[str, Any]:
         if not eval_examples:
             return None
         model.eval()
-        mine = eval_examples[dist.rank::dist.world]
         total, count = 0.0, 0
         with torch.no_grad(), training.autocast(cfg.train, dist, model):
-            for i in range(0, len(mine), cfg.train.micro_batch_size):
-                chunk = mine[i:i + cfg.train.micro_batch_size]
+            for chunk, weights in training.held_out_share(eval_examples, dist, cfg.train.micro_batch_size):
+                # a padding copy (weight 0) trains nothing: every label ignored
+                chunk = [e if w else {**e, "labels": [IGNORE] * len(e["labels"])} for e, w in zip(chunk, weights)]
                 batch = collate(chunk, packing=cfg.train.packing, pad_id=tokenizer.pad_token_id, attn_implementation=attn,
                                 row_capacity=cfg.train.max_seq_len)
-                total += float(token_nll_sum(model, batch, dist.device))
+                total += float(token_nll_sum(model, batch, dist.device, cfg.train.logits_chunk_tokens))
                 count += count_targets(chunk)
         total, count = dist.all_reduce_sum([total, count])
         model.train()
@@ -590,14 +557,15 @@ def run(cfg: SFTConfig, run_dir: RunDir) -> dict[str, Any]:
             # token-mean over the whole step: every rank counts the global batch's targets itself
             global_targets = sum(target_counts[i] for i in plan.step_indices(step))
             step_loss = 0.0
-            for indices in micro:
+            for j, indices in enumerate(micro):
                 examples = [train_examples[i] for i in indices]
                 batch = collate(examples, packing=cfg.train.packing, pad_id=tokenizer.pad_token_id, attn_implementation=attn,
                                 row_capacity=cfg.train.max_seq_len)
-                with training.autocast(cfg.train, dist, model):
-                    nll = token_nll_sum(model, batch, dist.device)
-                # FSDP/DDP average gradients over ranks; scale by world so the result is the global token mean
-                (nll * dist.world / global_targets).backward()
+                with training.grad_sync(model, cfg.train, last=j == len(micro) - 1):
+                    with training.autocast(cfg.train, dist, model):
+                        nll = token_nll_sum(model, batch, dist.device, cfg.train.logits_chunk_tokens)
+                    # FSDP/DDP average gradients over ranks; scale by world so the result is the global token mean
+                    (nll * dist.world / global_targets).backward()
                 step_loss += float(nll.detach())
                 window_tokens += sum(len(e["input_ids"]) for e in examples)
             grad_norm = training.clip_grad_norm(model, cfg.train.max_grad_norm)

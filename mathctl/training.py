@@ -21,6 +21,8 @@ import math
 import os
 import random
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ import torch
 
 from mathctl.core.config import LaunchConfig, LoraSpec, TrainBase
 from mathctl.core.console import log
-from mathctl.core.errors import CheckpointError
+from mathctl.core.errors import CheckpointError, ConfigError
 from mathctl.core.io import atomic_write_json
 from mathctl.core.rundir import RunDir
 
@@ -143,6 +145,22 @@ def shard_model(model: torch.nn.Module, launch: LaunchConfig, train: TrainBase, 
         fully_shard(layer, mp_policy=mp, reshard_after_forward=launch.reshard_after_forward)
     fully_shard(model, mp_policy=mp, reshard_after_forward=launch.reshard_after_forward)
     return model
+
+
+@contextmanager
+def grad_sync(model: torch.nn.Module, train: TrainBase, last: bool) -> Iterator[None]:
+    """Around one micro-batch's forward and backward: reduce gradients across processes only on the last
+    micro-batch of an optimiser step (train.grad_sync=last): FSDP2's set_requires_gradient_sync, DDP's
+    no_sync. One process, or grad_sync=every: nothing changes."""
+    sync = last or train.grad_sync == "every"
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+        yield
+    elif type(model).__name__ == "DistributedDataParallel" and not sync:
+        with model.no_sync():
+            yield
+    else:
+        yield
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -312,6 +330,26 @@ def save_checkpoint(run_dir: RunDir, step: int, *, model, optimizer, scheduler, 
     return final
 
 
+def check_resume(path: Path, dist: Dist, plan: dict[str, int], *, hint: str) -> dict[str, Any] | None:
+    """Before loading checkpoint `path`: a run resumes on another number of processes only when what fixes its
+    data order and schedule (`plan`, saved in trainer_state.json: global batch, total steps...) is unchanged,
+    since every step then covers the same samples; returns what changed, for meta.json (None: same world
+    size). Otherwise a ConfigError (exit 2) naming what would move, with `hint`."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    saved_world = state.get("world_size", 1)
+    if saved_world == dist.world:
+        return None
+    saved = {key: state.get(key) for key in plan}
+    if saved != plan:
+        moved = ", ".join(f"{key} {saved[key] if saved[key] is not None else '(not recorded)'} -> {value}"
+                          for key, value in plan.items() if saved[key] != value)
+        raise ConfigError(f"{path.name} was written by {saved_world} process(es); on {dist.world} this run's {moved}: "
+                          "the data order and the schedule would change", hint=hint.format(**saved, world=saved_world))
+    log(f"resuming a {saved_world}-process checkpoint on {dist.world} processes: same "
+        + ", ".join(f"{key} ({value})" for key, value in plan.items()))
+    return {"from_processes": saved_world, "to_processes": dist.world, "step": state.get("step"), **plan}
+
+
 def load_checkpoint(path: Path, *, model, optimizer, scheduler, dist: Dist) -> dict[str, Any]:
     """Restore weights, optimiser, scheduler and this rank's RNG from a complete checkpoint."""
     import torch.distributed.checkpoint as dcp
@@ -319,8 +357,7 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, dist: Dist) -> d
 
     state = json.loads((path / "trainer_state.json").read_text())
     if state.get("world_size", 1) != dist.world:
-        log(f"resuming a {state.get('world_size')}-process checkpoint on {dist.world} processes "
-            "(DCP reshards the weights; RNG states come from matching ranks where they exist)")
+        log("DCP reshards the weights and optimiser state; RNG states come from matching ranks where they exist")
     model_sd, optim_sd = get_state_dict(unwrap(model), optimizer)
     target = {"model": model_sd, "optim": optim_sd}
     try:
@@ -336,6 +373,72 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, dist: Dist) -> d
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=True))
     return state
+
+
+def held_out_share(items: list, dist: Dist, micro_batch_size: int) -> list[tuple[list, list[float]]]:
+    """This rank's share of a held-out list as (micro-batch, weights) pairs, with the same number of
+    micro-batches on every rank: FSDP's collectives hang unless every rank runs every forward. Rank r takes
+    items r::world, padded to ceil(len / world) with copies of the first item weighted 0."""
+    mine = items[dist.rank::dist.world]
+    per_rank = -(-len(items) // dist.world)
+    weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
+    mine = mine + [items[0]] * (per_rank - len(mine))
+    return [(mine[i:i + micro_batch_size], weights[i:i + micro_batch_size]) for i in range(0, per_rank, micro_batch_size)]
+
+
+# --- data order -----------------------------------------------------------------------------
+class StepPlan:
+    """Which examples each process uses in each micro-batch of each optimiser step.
+
+    The order is a seeded permutation per epoch, so the position in the data is a pure function of
+    the step number: resuming at step s needs nothing but s. A step's global batch is
+    `micro_batch_size * grad_accum_steps * world` samples; micro-batch j of rank r takes the slice
+    [(j * world + r) * mbs, ...) of it, so a 2-process run with grad_accum_steps k sees the same
+    samples per step as a 1-process run with 2k.
+    """
+
+    def __init__(self, num_examples: int, train: TrainBase, world: int, seed: int):
+        self.n, self.mbs, self.accum, self.world, self.seed = num_examples, train.micro_batch_size, train.grad_accum_steps, world, seed
+        self.global_batch = self.mbs * self.accum * world
+        if num_examples < self.global_batch:
+            raise ConfigError(
+                f"the training data has {num_examples} rows, fewer than one optimiser step needs ({self.global_batch} = "
+                f"micro_batch_size {self.mbs} x grad_accum_steps {self.accum} x {world} processes)",
+                hint="add data or lower train.micro_batch_size / train.grad_accum_steps",
+            )
+        self.steps_per_epoch = num_examples // self.global_batch
+        self.total_steps = train.max_steps or max(1, int(train.epochs * self.steps_per_epoch))
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            import random
+
+            order = list(range(self.n))
+            random.Random(self.seed * 1000003 + epoch).shuffle(order)
+            self._orders = {epoch: order}
+        return self._orders[epoch]
+
+    def step_indices(self, step: int) -> list[int]:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        start = within * self.global_batch
+        return self._order(epoch)[start:start + self.global_batch]
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        indices = self.step_indices(step)
+        return [indices[(j * self.world + rank) * self.mbs:(j * self.world + rank + 1) * self.mbs] for j in range(self.accum)]
+
+    def epoch_of(self, step: int) -> float:
+        return step / self.steps_per_epoch
+
+    def facts(self) -> dict[str, int]:
+        """What fixes the data order and the schedule (saved in checkpoints; see check_resume)."""
+        return {"examples": self.n, "global_batch": self.global_batch, "total_steps": self.total_steps}
+
+    def resume_hint(self) -> str:
+        return ("resume on {world} process(es), or keep the global batch of {global_batch} rows: micro_batch_size "
+                f"({self.mbs}) x grad_accum_steps x processes ({self.world}) must equal it")
+
 
 
 # --- plots ----------------------------------------------------------------------------------

@@ -325,10 +325,23 @@ class TrainBase(Strict):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     micro_batch_size: int = Field(1, ge=1, description="Samples per process per forward pass.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimiser step on each process.")
+    grad_sync: Literal["last", "every"] = Field(
+        "last", description="When gradients are reduced across processes: last = once per optimiser step, on its "
+        "last micro-batch (FSDP2 keeps each micro-batch's gradients unsharded until then: a full gradient per "
+        "process, less communication); every = after every micro-batch (sharded gradients, for models whose "
+        "full gradient does not fit).")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps (overrides epochs).")
     log_every_steps: int = Field(1, ge=1, description="Metrics cadence in optimiser steps.")
     eval_every_steps: int | None = Field(None, ge=1, description="Held-out loss cadence (and always at the end).")
+
+
+class LMTrainBase(TrainBase):
+    """Training settings of steps whose loss goes through the LM head's vocabulary (sft, grpo)."""
+
+    logits_chunk_tokens: int | None = Field(
+        1024, ge=1, description="Positions the LM head turns into fp32 log-probabilities at a time (recomputed in "
+        "backward), so no [tokens x vocab] logits are held; null computes all logits at once.")
 
 
 class LoraSpec(Strict):

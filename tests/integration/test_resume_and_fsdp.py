@@ -123,3 +123,47 @@ def test_user_error_inside_two_workers_is_one_line(cli, tiny_model, tmp_path):
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "line 2" in errors[0]
+
+
+def test_two_processes_uneven_held_out_no_sync_and_a_changed_world_size(cli, tiny_model, tmp_path):
+    """17 held-out rows in micro-batches of 4 on 2 processes (9 and 8 rows: the short rank runs a zero-weight
+    padding copy, else FSDP hangs); gradients reduced on the last micro-batch only (train.grad_sync=last) give
+    the losses and weights of reducing after every micro-batch; a checkpoint of 2 processes resumes on 1 when
+    the global batch stays (2 x 4 x 2 = 1 x 4 x 4), with the held-out mean of the padded split, and is refused
+    (exit 2) when it would change."""
+    import shutil
+
+    common = quick_overrides(tiny_model, "train.max_steps=6", "output.save_every_steps=3", "data.eval_rows=17",
+                             "train.micro_batch_size=4", "train.grad_accum_steps=2", "launch.num_processes=2")
+    last, every = tmp_path / "last", tmp_path / "every"
+    r_last = cli("sft", *common, "--run-dir", str(last), "--json", timeout=300)
+    assert r_last.returncode == 0, r_last.stderr[-3000:]
+    r_every = cli("sft", *common, "train.grad_sync=every", "--run-dir", str(every), "--json", timeout=300)
+    assert r_every.returncode == 0, r_every.stderr[-3000:]
+    s_last, s_every = json.loads(r_last.stdout), json.loads(r_every.stdout)
+    assert _losses(last) == pytest.approx(_losses(every), rel=1e-5)
+    assert s_last["eval_loss"] == pytest.approx(s_every["eval_loss"], rel=1e-5)
+    a, b = load_file(last / "final" / "model.safetensors"), load_file(every / "final" / "model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+    moved = tmp_path / "moved"
+    shutil.copytree(last, moved)
+    shutil.rmtree(moved / "checkpoints" / "step_000006")
+    shutil.rmtree(moved / "final")
+    recipe = str(moved / "recipe.yaml")
+    refused = cli("sft", "--recipe", recipe, "launch.num_processes=1", "--resume", "--run-dir", str(moved))
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "Traceback" not in refused.stderr and "global_batch 16 -> 8" in refused.stderr
+    assert "grad_accum_steps" in refused.stderr
+    resumed = cli("sft", "--recipe", recipe, "launch.num_processes=1", "train.grad_accum_steps=4", "--resume",
+                  "--run-dir", str(moved), "--json")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads(resumed.stdout)
+    assert summary["resumed_from_step"] == 3 and summary["world_size"] == 1
+    meta = json.loads((moved / "meta.json").read_text())
+    assert meta["resumed_on_other_world"] == {"from_processes": 2, "to_processes": 1, "step": 3, "examples": 80,
+                                              "global_batch": 16, "total_steps": 6}
+    c = load_file(moved / "final" / "model.safetensors")
+    assert max(float((a[k] - c[k]).abs().max()) for k in a) < 1e-4
+    # the 1-process held-out mean over all 17 rows equals the padded 2-process one
+    assert summary["eval_loss"] == pytest.approx(s_last["eval_loss"], rel=1e-4)

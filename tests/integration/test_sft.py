@@ -109,9 +109,32 @@ def test_sft_bf16_checkpointing_padded_messages_file(cli, tiny_model, tmp_path):
 
 def test_dry_run_prints_resolved_recipe_and_writes_nothing(tmp_path, capsys):
     assert main(["sft", "--recipe", "quickstart-sft", "train.lr=0.25", "--run-dir", str(tmp_path / "x"), "--dry-run"]) == 0
-    resolved = yaml.safe_load(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    resolved = yaml.safe_load(out)
     assert resolved["train"]["lr"] == 0.25 and resolved["launch"]["num_processes"] == 1
     assert not (tmp_path / "x").exists()
+    # the attention kernel by compute precision: fp32 never gets flash-attn
+    assert "# attention: sdpa (fp32 compute) on a CUDA GPU, sdpa (fp32 compute) on CPU" in out
+    assert main(["sft", "--recipe", "quickstart-sft", "train.precision=bf16", "--dry-run", "--json"]) == 0
+    attention = json.loads(capsys.readouterr().out)["attention"]
+    assert attention["cpu"] == "sdpa (bf16 compute)" and attention["cuda"].endswith("(bf16 compute)")
+    code = main(["sft", "--recipe", "quickstart-sft", "model.attn_implementation=flash_attention_2", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and "needs bf16 or fp16 compute" in err and "hint:" in err
+
+
+def test_attention_follows_the_compute_precision():
+    from mathctl.models import pick_attn_implementation
+
+    assert pick_attn_implementation("auto", "cuda", "fp32") == "sdpa"
+    assert pick_attn_implementation("auto", "cpu", "bf16") == "sdpa"
+    try:
+        import flash_attn  # noqa: F401
+        flash = "flash_attention_2"
+    except ImportError:
+        flash = "sdpa"
+    assert pick_attn_implementation("auto", "cuda", "bf16") == flash
+    assert pick_attn_implementation("eager", "cuda", "fp32") == "eager"
 
 
 def test_slurm_writes_a_valid_script(tmp_path, capsys):

@@ -14,13 +14,12 @@ from mathctl.models import CHAT_TEMPLATES, resolve_chat_template
 from mathctl.sft import (
     IGNORE,
     SFTTrain,
-    StepPlan,
     collate,
     count_targets,
     token_nll_sum,
     tokenize_conversation,
 )
-from mathctl.training import lr_factor
+from mathctl.training import StepPlan, lr_factor
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
