@@ -120,16 +120,24 @@ def run_step(step: str, *, recipe: str | None, overrides: list[str] | None, alia
     cfg, name = load_recipe(step, config_cls, recipe, overrides, aliases)
     resolved = dump_yaml(cfg)
     if dry_run:
+        from mathctl.core.console import warn
+        from mathctl.memory_plan import plan_memory
         from mathctl.models import attention_plan
 
         attention = attention_plan(cfg)
+        memory = plan_memory(step, cfg)
         if as_json:
             _emit({"status": "valid", "step": step, "recipe": cfg.model_dump(mode="json"),
-                   **({"attention": attention} if attention else {})}, True)
+                   **({"attention": attention} if attention else {}),
+                   **({"memory": memory.summary()} if memory else {})}, True)
         else:
             sys.stdout.write(resolved)
             if attention:
                 sys.stdout.write(f"# attention: {attention['cuda']} on a CUDA GPU, {attention['cpu']} on CPU\n")
+            if memory:
+                sys.stdout.write("".join(line + "\n" for line in memory.lines()))
+        if memory and memory.warning():
+            warn(memory.warning())
         return
     launch = getattr(cfg, "launch", None)
     if slurm and launch is None:

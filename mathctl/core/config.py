@@ -76,6 +76,9 @@ class LaunchConfig(Strict):
     backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="Process-group backend; auto: nccl on GPU, gloo on CPU.")
     main_process_port: int = Field(29500, ge=1, le=65535, description="Rendezvous port on the first machine.")
     reshard_after_forward: bool = Field(True, description="FSDP2: free gathered weights after forward (ZeRO-3 style).")
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="Memory of one GPU in GiB (80 for an 80 GB card), for the memory plan `--dry-run` prints "
+        "for sft, rm and grpo; default: the visible GPU's, else 80 assumed.")
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
     @model_validator(mode="after")
