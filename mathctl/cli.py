@@ -177,20 +177,25 @@ def run_step(step: str, *, recipe: str | None, overrides: list[str] | None, alia
         log(f"sbatch script: {script}")
         _emit(summary, as_json)
         return
-    if launch is not None and launching.needs_launcher(launch):
-        code = launching.launch_local(cfg.launch, run.recipe_path,
-                                      user_error=lambda: bool(run.read_meta().get("error")))
-        meta = run.read_meta()
-        if code != 0:
-            if meta.get("status") == "running":
-                run.update_meta(status="failed")
-            if meta.get("error"):
-                raise typer.Exit(EXIT_USER)  # the worker already printed its error line
-            raise RuntimeError(f"workers exited with code {code}; see their output above")
-        summary = json.loads(run.summary_path.read_text())
-    else:
-        with run.failing():
-            summary = module.run(cfg, run)
+    try:
+        if launch is not None and launching.needs_launcher(launch):
+            code = launching.launch_local(cfg.launch, run.recipe_path,
+                                          user_error=lambda: bool(run.read_meta().get("error")))
+            meta = run.read_meta()
+            if code != 0:
+                if meta.get("status") == "running":
+                    run.update_meta(status="failed")
+                if meta.get("error"):
+                    raise typer.Exit(EXIT_USER)  # the worker already printed its error line
+                raise RuntimeError(f"workers exited with code {code}; see their output above")
+            summary = json.loads(run.summary_path.read_text())
+        else:
+            with run.failing():
+                summary = module.run(cfg, run)
+    except BaseException:
+        run.settle_recipe(ok=False)
+        raise
+    run.settle_recipe(ok=True)
     log(f"done: {summary.get('status')}; final model in {summary.get('final_dir', run.path)}")
     _emit(summary, as_json)
 

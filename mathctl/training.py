@@ -331,20 +331,22 @@ def save_checkpoint(run_dir: RunDir, step: int, *, model, optimizer, scheduler, 
 
 
 def check_resume(path: Path, dist: Dist, plan: dict[str, int], *, hint: str) -> dict[str, Any] | None:
-    """Before loading checkpoint `path`: a run resumes on another number of processes only when what fixes its
-    data order and schedule (`plan`, saved in trainer_state.json: global batch, total steps...) is unchanged,
-    since every step then covers the same samples; returns what changed, for meta.json (None: same world
-    size). Otherwise a ConfigError (exit 2) naming what would move, with `hint`."""
+    """Before loading checkpoint `path`: a run resumes (on any number of processes) only when what fixes its
+    data order and schedule (`plan`, saved in trainer_state.json: rows, global batch, total steps...) is
+    unchanged, since every step then covers the same samples; returns the change of processes, for meta.json
+    (None: the same number). Otherwise a ConfigError (exit 2) naming what would move, with `hint`."""
     state = json.loads((path / "trainer_state.json").read_text())
     saved_world = state.get("world_size", 1)
-    if saved_world == dist.world:
-        return None
     saved = {key: state.get(key) for key in plan}
-    if saved != plan:
+    recorded = all(value is not None for value in saved.values())  # older checkpoints lack them
+    if (recorded and saved != plan) or (not recorded and saved_world != dist.world):
         moved = ", ".join(f"{key} {saved[key] if saved[key] is not None else '(not recorded)'} -> {value}"
                           for key, value in plan.items() if saved[key] != value)
-        raise ConfigError(f"{path.name} was written by {saved_world} process(es); on {dist.world} this run's {moved}: "
-                          "the data order and the schedule would change", hint=hint.format(**saved, world=saved_world))
+        raise ConfigError(f"{path.name} was written by {saved_world} process(es); resumed on {dist.world}, this run's "
+                          f"{moved}: the data order and the schedule would change",
+                          hint=hint.format(**{k: v if v is not None else "?" for k, v in saved.items()}, world=saved_world))
+    if saved_world == dist.world:
+        return None
     log(f"resuming a {saved_world}-process checkpoint on {dist.world} processes: same "
         + ", ".join(f"{key} ({value})" for key, value in plan.items()))
     return {"from_processes": saved_world, "to_processes": dist.world, "step": state.get("step"), **plan}

@@ -60,6 +60,27 @@ def git_revision(path: Path) -> str | None:
         return None
 
 
+# what a resumed run may change: where it runs and how a step's batch is split (trainers refuse a resume that
+# would change the data order or the schedule: training.check_resume)
+RESUME_MAY_CHANGE = ("launch.", "train.grad_accum_steps", "train.micro_batch_size", "train.grad_sync")
+
+
+def _recipe_changes(saved: str, given: str) -> list[str]:
+    """Dotted keys whose values differ between two recipe YAML texts."""
+    import yaml
+
+    def flat(data: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(data, dict):
+            return {prefix.rstrip("."): data}
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flat(value, f"{prefix}{key}."))
+        return out
+
+    a, b = flat(yaml.safe_load(saved) or {}), flat(yaml.safe_load(given) or {})
+    return sorted(key for key in a.keys() | b.keys() if a.get(key) != b.get(key))
+
+
 class RunDir:
     """One run's folder. Create it with `create` (CLI) or `open` (workers)."""
 
@@ -95,6 +116,19 @@ class RunDir:
     def summary_path(self) -> Path:
         return self.path / "summary.json"
 
+    @property
+    def recipe_backup_path(self) -> Path:
+        return self.path / ".recipe.before-resume.yaml"
+
+    def settle_recipe(self, ok: bool) -> None:
+        """After a resume that changed the placement: keep the new recipe.yaml if the run went on (`ok`),
+        else put the old one back."""
+        if self.recipe_backup_path.is_file():
+            if ok:
+                self.recipe_backup_path.unlink()
+            else:
+                os.replace(self.recipe_backup_path, self.recipe_path)
+
     # --- creation ------------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | os.PathLike, *, recipe_yaml: str, step: str, resume: bool,
@@ -125,8 +159,15 @@ class RunDir:
         if resume:
             saved = run.recipe_path.read_text()
             if saved != recipe_yaml:
-                raise ConfigError(f"the recipe given differs from {run.recipe_path}",
-                                  hint="resume with the same recipe and overrides, or just --resume --run-dir DIR")
+                changed = _recipe_changes(saved, recipe_yaml)
+                if not all(key.startswith(RESUME_MAY_CHANGE) for key in changed):
+                    raise ConfigError(
+                        f"the recipe given differs from {run.recipe_path} in {', '.join(changed)}",
+                        hint="resume with the same recipe and overrides, or just --resume --run-dir DIR; only "
+                             f"{', '.join(RESUME_MAY_CHANGE)} may change on resume")
+                # the placement changed (the step checks the rest); the old recipe comes back if this run fails
+                shutil.copyfile(run.recipe_path, run.recipe_backup_path)
+                atomic_write_text(run.recipe_path, recipe_yaml)
         else:
             atomic_write_text(run.recipe_path, recipe_yaml)
         meta = run.read_meta() if resume else {}
