@@ -4,8 +4,9 @@ A trainer's forward used to return `[tokens x vocab]` logits and take the log-so
 with Qwen2.5's 151,936-token vocabulary that is 0.6 MB per token, times three or four live copies (logits, the
 fp32 upcast, log-softmax, their gradients), before the model's own activations. Here the LM head's forward is
 replaced, for the length of one trainer forward, by a function that takes the final hidden states and returns
-log p(target) per position: the logits of `chunk_tokens` positions exist at a time, and backward recomputes
-them chunk by chunk (activation checkpointing), so the peak is a few `[chunk x vocab]` fp32 buffers.
+log p(target) per position: the logits of `chunk_tokens` positions exist at a time, nothing of that size is
+kept for backward, and backward recomputes each chunk's logits and turns them into their gradient in place
+(a custom autograd function), so the peak is about two `[chunk x vocab]` fp32 buffers.
 
 The swap happens inside the model's own forward (`model(...)` is still what the trainer calls), so FSDP2,
 DDP, peft and `logits_to_keep` behave as before; the state dict is untouched. Models whose forward changes
@@ -69,18 +70,15 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                    entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log softmax(hidden @ weight.T + bias) / temperature at `targets`, in fp32, `chunk_tokens` positions at a
     time; positions whose target is IGNORE give 0. `entropy`: also the entropy of each position's distribution
-    (no gradient). Shapes: hidden [..., H], targets [...]."""
-    from torch.utils.checkpoint import checkpoint
-
+    (no gradient). Shapes: hidden [..., H], targets [...]. Backward recomputes each chunk's logits and turns
+    them into their gradient in place, so a chunk costs about two [chunk x vocab] fp32 buffers."""
     shape = targets.shape
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1).to(flat_hidden.device)
-    grad = torch.is_grad_enabled() and (flat_hidden.requires_grad or weight.requires_grad)
     logps, ents = [], []
     for start in range(0, flat_hidden.shape[0], chunk_tokens):
-        args = (flat_hidden[start:start + chunk_tokens], weight, bias, flat_targets[start:start + chunk_tokens],
-                temperature, entropy)
-        lp, ent = checkpoint(_chunk, *args, use_reentrant=False) if grad else _chunk(*args)
+        lp, ent = _ChunkLogp.apply(flat_hidden[start:start + chunk_tokens], weight, bias,
+                                   flat_targets[start:start + chunk_tokens], temperature, entropy)
         logps.append(lp)
         if entropy:
             ents.append(ent)
@@ -89,8 +87,59 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return logp, ent
 
 
-def _chunk(hidden, weight, bias, targets, temperature: float, entropy: bool):
-    return _from_logits(torch.nn.functional.linear(hidden, weight, bias), targets, temperature, entropy)
+class _ChunkLogp(torch.autograd.Function):
+    """One chunk: log p(target) (and optionally the entropy) from hidden states and the head's weight. Nothing
+    of size [chunk x vocab] is kept for backward: backward recomputes the logits under the forward's autocast
+    state, and d logp / d logits = onehot(target) - softmax is formed in that same buffer."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, entropy: bool):  # noqa: ANN001
+        device = hidden.device.type
+        ctx.autocast = torch.is_autocast_enabled(device)
+        ctx.dtype = torch.get_autocast_dtype(device) if ctx.autocast else None
+        ctx.temperature = temperature
+        ignored = targets == IGNORE
+        safe = targets.masked_fill(ignored, 0)
+        with torch.no_grad():
+            logits = _logits(hidden, weight, bias, temperature)
+            lse = torch.logsumexp(logits, dim=-1)
+            logp = (logits.gather(-1, safe[:, None])[:, 0] - lse).masked_fill(ignored, 0.0)
+            ent = None
+            if entropy:
+                ent = lse - (torch.softmax(logits, -1) * logits).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, safe, ignored, lse)
+        if ent is not None:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent):  # noqa: ANN001
+        hidden, weight, bias, safe, ignored, lse = ctx.saved_tensors
+        device = hidden.device.type
+        g = grad_logp.float().masked_fill(ignored, 0.0)
+        with torch.no_grad(), torch.autocast(device, dtype=ctx.dtype or torch.bfloat16, enabled=ctx.autocast):
+            grad = _logits(hidden, weight, bias, ctx.temperature)       # the logits again ...
+            grad.sub_(lse[:, None]).exp_().mul_(-g[:, None])           # ... -softmax * g, in place
+            grad.scatter_add_(-1, safe[:, None], g[:, None])           # + onehot(target) * g
+            if ctx.temperature != 1.0:
+                grad.div_(ctx.temperature)
+            compute = hidden.dtype if not ctx.autocast else ctx.dtype
+            grad = grad.to(compute)
+            grad_hidden = grad_weight = grad_bias = None
+            if ctx.needs_input_grad[0]:
+                grad_hidden = (grad @ weight.to(compute)).to(hidden.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_weight = (grad.t() @ hidden.to(compute)).to(weight.dtype)
+            if bias is not None and ctx.needs_input_grad[2]:
+                grad_bias = grad.sum(0).to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _logits(hidden, weight, bias, temperature: float):
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits
 
 
 def _from_logits(logits, targets, temperature: float, entropy: bool):
