@@ -41,7 +41,9 @@ def test_mcts_solves_more_problems_than_greedy_and_writes_its_files(code_policy,
     assert search["problems"] == greedy["problems"] == 48
     assert search["solved"] >= greedy["solved"] + 5, (greedy["solved"], search["solved"])
     assert greedy["engine_calls"] <= 10 and greedy["mean_tree_size"] < 8  # one path per problem, batched
-    assert search["executions"] > 0 and search["engine_calls"] < 48  # every tree expands in the same calls
+    # every tree expands in the same calls: at most one per depth level per iteration (8 x (8 + 1)) for all 48
+    # trees, where one call per tree would make hundreds
+    assert search["executions"] > 0 and search["engine_calls"] <= 8 * (8 + 1)
 
     run = tmp_path / "mcts"
     trees = read(run / "trees.jsonl")
