@@ -69,12 +69,6 @@ def landlock_rights(abi: int, network: bool) -> tuple[int, int, int]:
     return fs, net, scopes
 
 
-def apply_landlock(abi: int, writable: str, *, network: bool, libc: ctypes.CDLL | None = None) -> None:
-    """Restrict this thread (and what it forks) to writing beneath `writable`; raises OSError if the kernel
-    refuses. Single-threaded callers only (a Landlock domain applies to the calling thread)."""
-    Confinement(network, libc=libc, landlock=abi, seccomp=False).apply(writable)
-
-
 def _errno_error(what: str) -> OSError:
     code = ctypes.get_errno()
     return OSError(code, f"{what}: {os.strerror(code)}")
