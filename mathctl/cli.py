@@ -162,7 +162,8 @@ def run_step(step: str, *, recipe: str | None, overrides: list[str] | None, alia
         script = run.path / "launch.sbatch"
         from mathctl.core.io import atomic_write_text
 
-        atomic_write_text(script, launching.render_slurm(step, cfg.launch, run.path))
+        atomic_write_text(script, launching.render_slurm(step, cfg.launch, run.path, engine=getattr(cfg, "engine", None),
+                                                         one_worker=getattr(module, "PLACES_ITS_PROCESSES", False)))
         summary: dict[str, Any] = {"status": "written", "run_dir": str(run.path), "sbatch": str(script)}
         if submit:
             import subprocess
@@ -178,7 +179,7 @@ def run_step(step: str, *, recipe: str | None, overrides: list[str] | None, alia
         _emit(summary, as_json)
         return
     try:
-        if launch is not None and launching.needs_launcher(launch):
+        if launch is not None and launching.needs_launcher(launch) and not getattr(module, "PLACES_ITS_PROCESSES", False):
             code = launching.launch_local(cfg.launch, run.recipe_path,
                                           user_error=lambda: bool(run.read_meta().get("error")))
             meta = run.read_meta()

@@ -59,6 +59,8 @@ class EvalSection(TaskSettings):
     limit: int | None = Field(None, ge=1, description="Only the first N problems of each task.")
     shard: str | None = Field(None, description="`i/N`: this machine's share of the problems (every N-th from i); "
                               "merge the shards with `mathctl eval merge`.")
+    replica: str | None = Field(None, description="Set by data-parallel inference for its workers (engine."
+                                "data_parallel_size): `k/N` of this run's problems after the shard; not set by hand.")
     system_prompt: str | None = Field(None, description="A system message before the problem (chat format only).")
     prompt_format: Literal["auto", "chat", "raw"] = Field(
         "auto", description="chat: the prompt goes through the chat template; raw: it is sent as plain text; "
@@ -78,7 +80,7 @@ class EvalSection(TaskSettings):
     prm_batch_size: int = Field(16, ge=1, description="Trajectories per reward-model forward pass.")
     per_task: dict[str, TaskSettings] = Field(default_factory=dict, description="Settings for one task, by name.")
 
-    @field_validator("shard")
+    @field_validator("shard", "replica")
     @classmethod
     def _shard(cls, value: str | None) -> str | None:
         if value is not None:
@@ -116,13 +118,9 @@ class EvalConfig(Strict):
 
 
 def parse_shard(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise ValueError(f"shard must look like i/N, e.g. 0/4 (got {text!r})") from None
-    if n < 1 or not 0 <= i < n:
-        raise ValueError(f"shard i/N needs 0 <= i < N (got {text!r})")
-    return i, n
+    from mathctl.replicas import parse_slice
+
+    return parse_slice(text)
 
 
 def task_sampling(cfg: EvalConfig, name: str) -> tuple[SamplingConfig, str]:
@@ -280,10 +278,9 @@ def select_problems(problems: list, cfg: EvalConfig) -> list:
     chosen = [p for p in problems if p.gold is not None]
     if cfg.eval.limit is not None:
         chosen = chosen[: cfg.eval.limit]
-    if cfg.eval.shard:
-        i, n = parse_shard(cfg.eval.shard)
-        chosen = chosen[i::n]
-    return chosen
+    from mathctl.replicas import take_slice
+
+    return take_slice(take_slice(chosen, cfg.eval.shard), cfg.eval.replica)
 
 
 def load_tasks(cfg: EvalConfig) -> dict[str, list]:
@@ -316,6 +313,8 @@ def run(cfg: EvalConfig, run_dir: RunDir, *, engine: Any = None, problems: dict[
     from mathctl.grading import grade_batch, shutdown_workers
 
     problems = problems if problems is not None else load_tasks(cfg)
+    if engine is None and cfg.engine.data_parallel_size > 1:
+        return run_replicated(cfg, run_dir, problems)
     tasks = list(problems)
     results_path = run_dir.path / RESULTS
     done = read_results(results_path, repair=True)
@@ -393,7 +392,7 @@ def _sample_record(sample, grade) -> dict[str, Any]:
 
 def write_summary(cfg: EvalConfig, run_dir: RunDir, tasks: list[str], *, prompt_format: str | None,
                   backend: str | None, chat_template_digest: str | None,
-                  shards: list[str] | None = None) -> dict[str, Any]:
+                  shards: list[str] | None = None, replicas: list[str] | None = None) -> dict[str, Any]:
     """Score every task from results.jsonl, write summary.json, mark the run completed."""
     from mathctl.benchmarks import get_benchmark
 
@@ -418,6 +417,8 @@ def write_summary(cfg: EvalConfig, run_dir: RunDir, tasks: list[str], *, prompt_
     }
     if shards:
         summary["merged_from"] = shards
+    if replicas:
+        summary["replicas"] = replicas
     gate = cfg.eval.min_score
     failing = [name for name, entry in out_tasks.items() if gate is not None and entry["score"] < gate]
     if gate is not None:
@@ -456,7 +457,42 @@ def render_table(summary: dict[str, Any]):
     return table
 
 
-# --- shards -----------------------------------------------------------------------------------
+# --- data-parallel replicas and shards ---------------------------------------------------------
+
+
+def run_replicated(cfg: EvalConfig, run_dir: RunDir, problems: dict[str, list]) -> dict[str, Any]:
+    """`engine.data_parallel_size` engines, each answering every N-th problem in a worker of its own
+    (mathctl/replicas.py); their results.jsonl merged into this run's, then scored as one run."""
+    from mathctl.core.io import atomic_write_text
+    from mathctl.replicas import check_layout, run_replicas
+
+    count = cfg.engine.data_parallel_size
+    check_layout(run_dir, count)
+    configs = []
+    for k in range(count):
+        sub = cfg.model_copy(deep=True)
+        sub.engine.data_parallel_size = 1
+        sub.eval.replica = f"{k}/{count}"
+        sub.eval.min_score = None  # the gate is the merged run's
+        configs.append(sub)
+    total = sum(len(v) for v in problems.values())
+    folders = run_replicas("eval", configs, run_dir.path, engine=cfg.engine, rows_file=RESULTS, total=total,
+                           label="eval")
+    tasks = list(problems)
+    order = {t: i for i, t in enumerate(tasks)}
+    records: dict[tuple[str, int], dict[str, Any]] = {}
+    for folder in folders:
+        for record in read_results(folder / RESULTS):
+            records[(record["task"], record["index"])] = record
+    merged = sorted(records.values(), key=lambda r: (order.get(r["task"], len(order)), r["index"]))
+    atomic_write_text(run_dir.path / RESULTS, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n"
+                                                     for r in merged))
+    head = json.loads((folders[0] / "summary.json").read_text())
+    template = folders[0] / "chat_template.jinja"
+    if template.is_file():
+        atomic_write_text(run_dir.path / "chat_template.jinja", template.read_text())
+    return write_summary(cfg, run_dir, tasks, prompt_format=head.get("prompt_format"), backend=head.get("backend"),
+                         chat_template_digest=head.get("chat_template_digest"), replicas=[str(f) for f in folders])
 
 
 def merge(shard_dirs: list[Path], out: Path, *, min_score: float | None = None) -> dict[str, Any]:

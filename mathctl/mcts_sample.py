@@ -59,15 +59,17 @@ class MCTSData(Strict):
     data_dir: str | None = Field(None, description="Local benchmark copies (NAME/test.jsonl) for a task source.")
     limit: int | None = Field(None, ge=1, description="Only the first N problems.")
     shard: str | None = Field(None, description="`i/N`: every N-th problem from i; combine with `mcts-sample merge`.")
+    replica: str | None = Field(None, description="Set by data-parallel search for its workers (engine.data_parallel_"
+                                "size): `k/N` of this run's problems after the shard; not set by hand.")
     synthetic: SyntheticData = Field(default_factory=SyntheticData)
 
-    @field_validator("shard")
+    @field_validator("shard", "replica")
     @classmethod
     def _shard(cls, value: str | None) -> str | None:
         if value is not None:
-            from mathctl.evaluate import parse_shard
+            from mathctl.replicas import parse_slice
 
-            parse_shard(value)
+            parse_slice(value)
         return value
 
 
@@ -139,9 +141,14 @@ class MCTSConfig(Strict):
     def _check(self) -> MCTSConfig:
         if "{prompt}" not in self.data.prompt_template:
             raise ValueError("data.prompt_template must contain {prompt}")
-        if self.launch.num_processes != 1 or self.launch.num_machines != 1:
-            raise ValueError("mcts-sample runs one process per machine; spread problems with --shard i/N "
-                             "(data.shard) and combine the folders with `mathctl mcts-sample merge`")
+        if self.launch.num_machines != 1:
+            raise ValueError("mcts-sample runs on one machine (launch.num_machines=1), with engine replicas on its "
+                             "GPUs (launch.num_processes or engine.data_parallel_size); across machines run one "
+                             "--shard i/M per machine and combine the folders with `mathctl mcts-sample merge`")
+        dp, procs = self.engine.data_parallel_size, self.launch.num_processes
+        if dp > 1 and procs > 1 and dp != procs:
+            raise ValueError(f"launch.num_processes={procs} and engine.data_parallel_size={dp} both count the engine "
+                             "replicas of mcts-sample; set one of them")
         if self.search.mode == "beam" and not self.prm and self.rounds.count == 1:
             raise ValueError("search.mode=beam ranks steps with a PPM; give one with --prm (or prm=PATH)")
         if self.search.terminal_reward == "ppm" and not self.prm and self.rounds.count == 1:
@@ -152,6 +159,16 @@ class MCTSConfig(Strict):
 
     def seeds(self) -> dict[str, int]:
         return {"search": self.seed, "synthetic": self.data.synthetic.seed}
+
+    @property
+    def replicas(self) -> int:
+        """Engine replicas searching in parallel (launch.num_processes or engine.data_parallel_size)."""
+        return max(self.engine.data_parallel_size, self.launch.num_processes)
+
+
+# `mathctl mcts-sample` places its own processes (engine replicas, mathctl/replicas.py): the CLI runs it in one
+# process whatever launch.num_processes says, instead of starting ranks through accelerate.
+PLACES_ITS_PROCESSES = True
 
 
 # --- problems -------------------------------------------------------------------------------------
@@ -198,12 +215,9 @@ def load_problems(data: MCTSData) -> list[dict[str, Any]]:
             r["id"] = f"{r['id']}#{i}"
     if data.limit:
         rows = rows[: data.limit]
-    if data.shard:
-        from mathctl.evaluate import parse_shard
+    from mathctl.replicas import take_slice
 
-        k, n = parse_shard(data.shard)
-        rows = rows[k::n]
-    return rows
+    return take_slice(take_slice(rows, data.shard), data.replica)
 
 
 # --- one round ------------------------------------------------------------------------------------
@@ -268,6 +282,8 @@ def run_round(cfg: MCTSConfig, folder: Path, *, policy: str, prm: str | None, la
         log(f"{label}: {len(done)} problems done earlier, {len(todo)} to go")
     if cfg.search.mode == "beam" and not prm:
         raise ConfigError("search.mode=beam ranks steps with a PPM, and this round has none", hint="give --prm PATH")
+    if cfg.replicas > 1 and todo:
+        return _run_round_replicated(cfg, folder, policy=policy, prm=prm, label=label, problems=problems)
     engine = scorer = None
     sandbox = Sandbox(cfg.sandbox.limits(), allow_weak=cfg.sandbox.allow_weak)
     isolation = None
@@ -332,6 +348,38 @@ def run_round(cfg: MCTSConfig, folder: Path, *, policy: str, prm: str | None, la
             engine.close()
     summary = round_summary(folder, cfg.search.mode)
     summary.update(policy=policy, prm=prm, sandbox=isolation)
+    atomic_write_json(folder / "summary.json", summary)
+    return summary
+
+
+def _run_round_replicated(cfg: MCTSConfig, folder: Path, *, policy: str, prm: str | None, label: str,
+                          problems: list[dict[str, Any]]) -> dict[str, Any]:
+    """One round searched by `cfg.replicas` engines in workers of their own (mathctl/replicas.py), each on every
+    N-th problem; their files merged into `folder` in problem order, as one process would have written them."""
+    from mathctl.core.io import iter_jsonl
+    from mathctl.replicas import run_replicas
+
+    count = cfg.replicas
+    configs = []
+    for k in range(count):
+        data = cfg.model_dump(mode="json")
+        data["model"]["path"], data["prm"] = policy, prm
+        data["rounds"]["count"] = 1
+        data["data"]["replica"] = f"{k}/{count}"
+        data["engine"]["data_parallel_size"] = 1
+        data["launch"]["num_processes"] = 1
+        configs.append(MCTSConfig.model_validate(data))
+    folders = run_replicas("mcts", configs, folder, engine=cfg.engine, rows_file="trees.jsonl", total=len(problems),
+                           label=f"{label} ({cfg.search.mode})")
+    order = {p["id"]: i for i, p in enumerate(problems)}
+    for name in FILES:
+        rows = [row for sub in folders if (sub / name).is_file() for _, row in iter_jsonl(sub / name)]
+        if name != "batches.jsonl":
+            rows.sort(key=lambda row: order.get(row.get("id"), len(order)))  # stable: a problem's rows keep their order
+        atomic_write_text(folder / name, "".join(json.dumps(row) + "\n" for row in rows))
+    head = json.loads((folders[0] / "summary.json").read_text())
+    summary = round_summary(folder, cfg.search.mode)
+    summary.update(policy=policy, prm=prm, sandbox=head.get("sandbox"), replicas=[str(f) for f in folders])
     atomic_write_json(folder / "summary.json", summary)
     return summary
 
@@ -412,7 +460,7 @@ def run_substep(step: str, recipe: str, overrides: list[str], settings: dict[str
     resume = (folder / "recipe.yaml").is_file()
     run = RunDir.create(folder, recipe_yaml=dump_yaml(cfg), step=step, resume=resume, seeds=cfg.seeds())
     log(f"{step}: run folder {folder}" + (" (resumed)" if resume else ""))
-    if launching.needs_launcher(cfg.launch):
+    if launching.needs_launcher(cfg.launch) and not getattr(module, "PLACES_ITS_PROCESSES", False):
         code = launching.launch_local(cfg.launch, run.recipe_path, user_error=lambda: bool(run.read_meta().get("error")))
         if code != 0:
             raise DataError(f"the {step} run in {folder} failed (exit {code})",
@@ -538,6 +586,9 @@ def run(cfg: MCTSConfig, run_dir: RunDir) -> dict[str, Any]:
     if cfg.prm:
         resolve_model_path(cfg.prm)
     problems = load_problems(cfg.data)  # once, before any model loads: bad data fails first
+    from mathctl.replicas import check_layout
+
+    check_layout(run_dir, cfg.replicas)
     if cfg.steps.kind == "code":  # before any model loads too: a machine that cannot isolate code fails first
         run_dir.update_meta(sandbox=check_sandbox(cfg.sandbox))
     if cfg.rounds.count > 1:

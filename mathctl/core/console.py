@@ -34,12 +34,19 @@ def is_rank_zero() -> bool:
 def log(message: str, *, all_ranks: bool = False) -> None:
     """Print a line to stderr, on rank zero only unless `all_ranks`."""
     if all_ranks or is_rank_zero():
-        console.print(message)
+        console.print(_prefix() + message)
 
 
 def warn(message: str) -> None:
     if is_rank_zero():
-        console.print(f"[yellow]warning:[/yellow] {message}")
+        console.print(f"{_prefix()}[yellow]warning:[/yellow] {message}")
+
+
+def _prefix() -> str:
+    """`[replica k/N] ` in the worker processes of data-parallel inference (mathctl/replicas.py)."""
+    from rich.markup import escape
+
+    return escape(os.environ.get("MATHCTL_LOG_PREFIX", ""))
 
 
 @contextmanager

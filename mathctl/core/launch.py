@@ -84,10 +84,15 @@ def launch_local(launch: LaunchConfig, recipe_path: Path, user_error: Callable[[
     return code
 
 
-def render_slurm(step: str, launch: LaunchConfig, run_dir: Path) -> str:
-    """An sbatch script that starts `accelerate launch` once per node with that node's rank."""
+def render_slurm(step: str, launch: LaunchConfig, run_dir: Path, *, engine=None, one_worker: bool = False) -> str:
+    """An sbatch script that starts `accelerate launch` once per node with that node's rank; with `one_worker`
+    (a step that places its own processes: mcts-sample's engine replicas) one plain worker on one node that
+    gets the GPUs of all its replicas."""
     slurm = launch.slurm
     per_node = launch.processes_per_machine
+    if one_worker:
+        replicas = max(launch.processes_per_machine, getattr(engine, "data_parallel_size", 1))
+        per_node = replicas * getattr(engine, "tensor_parallel_size", 1)
     run_dir = run_dir.resolve()
     recipe = run_dir / "recipe.yaml"
     lines = [
@@ -114,6 +119,9 @@ def render_slurm(step: str, launch: LaunchConfig, run_dir: Path) -> str:
         "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}",
         "",
     ]
+    if one_worker:
+        lines.append(f"srun --nodes=1 --ntasks=1 {shlex.quote(sys.executable)} -m mathctl.worker {shlex.quote(str(recipe))}")
+        return "\n".join(lines) + "\n"
     args = accelerate_args(launch, machine_rank="$SLURM_NODEID", main_ip="$MAIN_IP", main_port="$MAIN_PORT")
     launcher = " ".join(shlex.quote(a) if not a.startswith("$") else a for a in args)
     inner = (f"{shlex.quote(sys.executable)} -m accelerate.commands.launch {launcher} "

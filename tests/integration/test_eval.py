@@ -149,6 +149,34 @@ def test_shards_merge_into_the_unsharded_result(greedy_run, lively_model, tmp_pa
     assert bad.returncode == 2 and "missing [1]" in bad.stderr
 
 
+def test_two_engine_replicas_give_the_one_process_result(greedy_run, lively_model, tmp_path, cli):
+    """engine.data_parallel_size=2: two worker processes, each on every other problem, merged into one run
+    folder that equals the one-process run; a resume with another replica count is refused."""
+    reference, _ = greedy_run
+    folder = tmp_path / "dp"
+    args = ("eval", "math500", "--model", str(lively_model), "--data-dir", str(BENCH), "--limit", "8",
+            "--max-new-tokens", "24", "engine.data_parallel_size=2")
+    proc = cli(*args, "--run-dir", str(folder), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "[replica 1/2]" in proc.stderr
+    for k in range(2):
+        assert [r["index"] for r in _results(folder / "replicas" / f"{k}-of-2")] == list(range(k, 8, 2))
+    got, want = _results(folder), _results(reference)
+    assert [r["index"] for r in got] == list(range(8))
+    assert [[s["text"] for s in r["samples"]] for r in got] == [[s["text"] for s in r["samples"]] for r in want]
+    summary = json.loads(proc.stdout)
+    ref_summary = json.loads((reference / "summary.json").read_text())
+    for key in ("problems", "score", "pass@k", "maj@k", "generated_tokens", "truncated"):
+        assert summary["tasks"]["math500"][key] == ref_summary["tasks"]["math500"][key]
+    assert summary["chat_template_digest"] == ref_summary["chat_template_digest"]
+    assert len(summary["replicas"]) == 2 and json.loads((folder / "meta.json").read_text())["replicas"] == 2
+    again = cli(*args, "--resume", "--run-dir", str(folder), "--json")  # finished replicas are not rerun
+    assert again.returncode == 0, again.stderr
+    assert _results(folder) == got and "replica 0/2: " not in again.stderr
+    other = cli("eval", "--resume", "--run-dir", str(reference), "engine.data_parallel_size=2")
+    assert other.returncode == 2 and "error:" in other.stderr and "Traceback" not in other.stderr
+
+
 class AnsweringEngine:
     """A stand-in for a model that answers problem i correctly when i is even (for the scoring path)."""
 

@@ -144,6 +144,18 @@ def test_resume_and_shards_give_the_same_trees_as_one_run(tiny_model, tmp_path):
     by_id = {t["id"]: t for t in read(tmp_path / "merged" / "trees.jsonl")}
     assert all(by_id[t["id"]] == t for t in reference)
 
+    # two engine replicas in worker processes of their own, merged in problem order: the one-process files
+    dp = tmp_path / "dp"
+    both = mcts(*args, "launch.num_processes=2", "--run-dir", str(dp))
+    assert read(dp / "trees.jsonl") == reference and both["solved"] == whole["solved"]
+    for name in ("sft.jsonl", "ppm_pairs.jsonl"):
+        one = tmp_path / "whole" / name
+        assert (dp / name).read_text() == (one.read_text() if one.is_file() else "")
+    assert [len(read(dp / "replicas" / f"{k}-of-2" / "trees.jsonl")) for k in range(2)] == [3, 3]
+    out = run_cli("mcts-sample", "--recipe", str(dp / "recipe.yaml"), "--resume", "--run-dir", str(dp),
+                  "launch.num_processes=1")
+    assert out.returncode == 2 and "2 engine replica(s)" in out.stderr and "Traceback" not in out.stderr
+
 
 def test_bad_input_exits_2_with_one_error_line(tiny_model, tmp_path):
     bad = tmp_path / "problems.jsonl"

@@ -263,3 +263,30 @@ def test_batched_backend_encoding_matches_the_tokenizer_call(tokenizer):
             enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             assert got == label_tokens(enc["input_ids"], enc["offset_mapping"], spans, loss_on, 4096)
             assert got["input_ids"] == enc["input_ids"]
+
+
+def test_slurm_script_of_engine_replicas_is_one_worker_with_their_gpus(tmp_path):
+    from mathctl.core.config import EngineConfig
+
+    script = render_slurm("mcts", LaunchConfig(num_processes=4), tmp_path, engine=EngineConfig(tensor_parallel_size=2),
+                          one_worker=True)
+    (tmp_path / "launch.sbatch").write_text(script)
+    assert subprocess.run(["bash", "-n", str(tmp_path / "launch.sbatch")]).returncode == 0
+    assert "#SBATCH --nodes=1" in script and "#SBATCH --gpus-per-node=8" in script  # 4 replicas x 2 GPUs
+    assert "accelerate" not in script and f"-m mathctl.worker {tmp_path.resolve()}/recipe.yaml" in script
+
+
+def test_replica_gpu_groups(monkeypatch):
+    from mathctl.replicas import device_groups, take_slice
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert device_groups(2, 2) == ["4,5", "6,7"] and device_groups(4, 1) == ["4", "5", "6", "7"]
+    assert device_groups(2, 1, "cpu") == [None, None]
+    with pytest.raises(ConfigError, match="need 6 GPUs; 4 are visible"):
+        device_groups(3, 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert device_groups(2, 1) == [None, None]  # no GPU: CPU replicas
+    with pytest.raises(ConfigError, match="no GPU"):
+        device_groups(2, 1, "cuda")
+    rows = list(range(10))
+    assert take_slice(take_slice(rows, "1/2"), "0/2") == [1, 5, 9] and take_slice(rows, None) == rows
