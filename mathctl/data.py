@@ -56,8 +56,8 @@ from pydantic import Field, model_validator
 
 from mathctl.core.config import Strict
 from mathctl.core.errors import ConfigError, DataError
+from mathctl.rows import IGNORE
 
-IGNORE = -100
 BATCH = 256  # rows per batched map call / streamed chunk
 PACK_BATCH = 4096  # bins per packing map call
 DEFAULT_PROMPT = "{problem}\nLet's think step by step and output the final answer within \\boxed{}."
@@ -368,7 +368,7 @@ class Transformer:
         return {key: [row[key] for row in out] for key in (out[0] if out else self._blank())}
 
     def rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        from mathctl.sft import tokenize_conversations
+        from mathctl.rows import tokenize_conversations
 
         cfg = self.cfg
         out: list[dict[str, Any]] = []

@@ -327,7 +327,7 @@ def run(cfg: EvalConfig, run_dir: RunDir, *, engine: Any = None, problems: dict[
     if own_engine:
         engine = make_engine(cfg.model, cfg.engine)
     if scorer is None and cfg.eval.prm:
-        from mathctl.rm import make_eval_scorer
+        from mathctl.scoring import make_eval_scorer
 
         scorer = make_eval_scorer(cfg.eval.prm, cfg.eval.prm_aggregate, cfg.eval.prm_batch_size)
         log(f"best-of-n by reward model {cfg.eval.prm} ({cfg.eval.prm_aggregate} step score)")

@@ -78,7 +78,7 @@ from mathctl.core.console import console, log, progress
 from mathctl.core.errors import DataError, EngineError
 from mathctl.core.rundir import RunDir
 from mathctl.rewards import RewardsConfig
-from mathctl.sft import SyntheticData
+from mathctl.rows import SyntheticData
 
 ADV_EPS = 1e-4
 LOG_RATIO_BOUND = 20.0  # |log pi_trainer / pi_engine| is clamped here before exp (verl's bound): exp(20) ~ 5e8
@@ -352,14 +352,14 @@ _ANSWER_FIELDS = ("answer", "expected_answer", "final_answer", "gold")
 def load_prompts(data: GRPOData) -> list[dict[str, Any]]:
     """Rows as {messages, answer}; a row without a usable prompt or answer exits 2 naming it."""
     from mathctl.grading.extract import extract_boxed_all
-    from mathctl.sft import SFTData, load_rows
+    from mathctl.rows import load_rows
 
     sources = [data.source] if isinstance(data.source, str) else list(data.source)
     if not sources:
         raise DataError("data.source is an empty list", hint="name at least one data source")
     rows = []  # (source, row number in it, row)
     for source in sources:
-        loaded = load_rows(SFTData(source=source, subset=data.subset, split=data.split, synthetic=data.synthetic))
+        loaded = load_rows(source, subset=data.subset, split=data.split, synthetic=data.synthetic)
         rows += [(source, i, row) for i, row in enumerate(loaded)]
     if data.max_rows:
         rows = rows[: data.max_rows]

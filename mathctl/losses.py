@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE = -100
+from mathctl.rows import IGNORE
+
 _AFTER_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 

@@ -38,7 +38,7 @@ from mathctl.core.errors import ConfigError, DataError
 from mathctl.core.io import append_jsonl, atomic_write_json, atomic_write_text
 from mathctl.core.rundir import RunDir
 from mathctl.mcts import PairsConfig, SearchConfig, StepFormat
-from mathctl.sft import SyntheticData
+from mathctl.rows import SyntheticData
 
 FILES = ("trees.jsonl", "sft.jsonl", "ppm_pairs.jsonl", "batches.jsonl")
 
@@ -189,9 +189,9 @@ def load_problems(data: MCTSData) -> list[dict[str, Any]]:
                 for p in load_bench(get_benchmark(data.source), resolve_data_dir(data.data_dir)) if p.gold is not None]
     else:
         from mathctl.grading import extract_boxed_all
-        from mathctl.sft import SFTData, load_rows
+        from mathctl.rows import load_rows
 
-        raw = load_rows(SFTData(source=data.source, synthetic=data.synthetic))
+        raw = load_rows(data.source, synthetic=data.synthetic)
         rows = []
         for i, row in enumerate(raw):
             key = data.prompt_field or next((k for k in _PROMPT_FIELDS if isinstance(row.get(k), str)), None)
@@ -259,7 +259,7 @@ def _done_ids(folder: Path) -> set[str]:
 
 
 def render_header(tokenizer, question: str, template: str) -> str:
-    from mathctl.rm import render_prompt
+    from mathctl.scoring import render_prompt
 
     return render_prompt(tokenizer, question, template)
 
@@ -296,7 +296,7 @@ def run_round(cfg: MCTSConfig, folder: Path, *, policy: str, prm: str | None, la
 
                 resolve_chat_template(cfg.model, tokenizer)
             if prm:
-                from mathctl.rm import RewardScorer
+                from mathctl.scoring import RewardScorer
 
                 scorer = RewardScorer.from_pretrained(prm, device=None if cfg.engine.device == "auto" else cfg.engine.device)
 
@@ -439,49 +439,6 @@ def round_summary(folder: Path, mode: str) -> dict[str, Any]:
 # --- rounds ---------------------------------------------------------------------------------------
 
 
-def run_substep(step: str, recipe: str, overrides: list[str], settings: dict[str, Any], folder: Path, *,
-                rows: int | None = None) -> dict[str, Any]:
-    """Run `mathctl STEP --recipe RECIPE OVERRIDES --run-dir FOLDER` in this process (or through its
-    launcher), resuming an unfinished folder and skipping a finished one. `rows`: how many training
-    rows the data holds (an sft round's traces), so that a round with fewer than one optimiser step
-    needs trains on smaller micro-batches instead of stopping the rounds."""
-    from mathctl.core import launch as launching
-    from mathctl.core.config import dump_yaml, load_recipe
-    from mathctl.worker import step_module
-
-    done = RunDir(folder).completed_summary()
-    if done is not None:
-        log(f"{step}: {folder} is complete, skipped")
-        return done
-    module, config_cls = step_module(step)
-    cfg, _ = load_recipe(step, config_cls, recipe, overrides, settings)
-    if rows is not None:
-        cfg = _fit_micro_batch(cfg, rows, step)
-    resume = (folder / "recipe.yaml").is_file()
-    run = RunDir.create(folder, recipe_yaml=dump_yaml(cfg), step=step, resume=resume, seeds=cfg.seeds())
-    log(f"{step}: run folder {folder}" + (" (resumed)" if resume else ""))
-    if launching.needs_launcher(cfg.launch) and not getattr(module, "PLACES_ITS_PROCESSES", False):
-        code = launching.launch_local(cfg.launch, run.recipe_path, user_error=lambda: bool(run.read_meta().get("error")))
-        if code != 0:
-            raise DataError(f"the {step} run in {folder} failed (exit {code})",
-                            hint="see its output above; fix it and rerun with --resume")
-        return json.loads(run.summary_path.read_text())
-    with run.failing():
-        return module.run(cfg, run)
-
-
-def _fit_micro_batch(cfg: Any, rows: int, step: str) -> Any:
-    train_rows = rows - (getattr(cfg.data, "eval_rows", 0) or 0)
-    per_micro_batch = cfg.train.grad_accum_steps * cfg.launch.num_processes
-    size = cfg.train.micro_batch_size
-    if train_rows >= size * per_micro_batch or train_rows < per_micro_batch:
-        return cfg  # enough rows, or too few for any step (the step itself says so)
-    fitted = train_rows // per_micro_batch
-    log(f"{step}: {train_rows} training rows, fewer than one optimiser step of micro-batches of {size}: "
-        f"train.micro_batch_size={fitted} for this round")
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": fitted})})
-
-
 def _with_overrides(cfg: MCTSConfig, overrides: list[str]) -> MCTSConfig:
     from mathctl.core.config import parse_override, set_dotted, validate
 
@@ -518,6 +475,8 @@ def run_rounds(cfg: MCTSConfig, run_dir: RunDir, problems: list[dict[str, Any]])
         shared = {"data.prompt_template": cfg.data.prompt_template,
                   "model.chat_template": cfg.model.chat_template if cfg.model.chat_template != "tokenizer" else None}
         start = policy if r.sft_init == "previous" else r.base_model
+        from mathctl.substeps import run_substep
+
         sft_summary = run_substep("sft", r.sft_recipe, r.sft_overrides, {
             "model.path": start, "data.source": str(folder / "sft.jsonl"), "data.prompt_field": "problem",
             "data.response_field": "response", **shared}, folder / "sft", rows=summary["sft_rows"])
@@ -528,6 +487,8 @@ def run_rounds(cfg: MCTSConfig, run_dir: RunDir, problems: list[dict[str, Any]])
         rm_summary = run_substep("rm", r.rm_recipe, r.rm_overrides, {
             "model.path": policy, "data.source": str(folder / "ppm_pairs.jsonl"), **shared}, folder / "rm")
         prm = rm_summary.get("final_dir") or str(folder / "rm" / "final")
+    from mathctl.plots import plot_rounds
+
     plot = plot_rounds(rows, run_dir.plots_dir / "solve_rate.png") if cfg.output.plots else None
     print_table(rounds_table(rows))
     final = rows[-1]
@@ -546,33 +507,6 @@ def rounds_table(rows: list[dict[str, Any]]):
                       f"{row['mean_tree_size']:.1f}", str(row["sft_rows"]), str(row["ppm_pairs"]),
                       str(row["engine_calls"]), f"{row['seconds']:.1f}")
     return table
-
-
-def plot_rounds(rows: list[dict[str, Any]], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    xs = [row["round"] for row in rows]
-    ax.plot(xs, [row["solve_rate"] for row in rows], marker="o", label="solve rate (a correct answer in the tree)")
-    ax.plot(xs, [row["accuracy"] for row in rows], marker="s", linestyle="--", label="accuracy (the chosen answer)")
-    for x, row in zip(xs, rows):
-        ax.annotate(f"{row['solve_rate']:.2f}", (x, row["solve_rate"]), textcoords="offset points", xytext=(0, 8),
-                    ha="center", fontsize=8)
-    ax.set_xticks(xs)
-    ax.set_ylim(0, 1.05)
-    ax.set_xlabel("round")
-    ax.set_ylabel("share of problems")
-    ax.set_title("mcts-sample: per-round solve rate")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
 
 
 # --- entry points ---------------------------------------------------------------------------------

@@ -129,7 +129,7 @@ def run_stage(stage: Stage, folder: Path, overrides: list[str], args: dict[str, 
     elif stage.step == "eval":
         summary = _run_eval(stage.recipe, overrides, folder)
     else:
-        from mathctl.mcts_sample import run_substep
+        from mathctl.substeps import run_substep
 
         summary = run_substep(stage.step, stage.recipe, overrides, {}, folder)
     atomic_write_json(folder / "summary.json", summary)
@@ -137,8 +137,10 @@ def run_stage(stage: Stage, folder: Path, overrides: list[str], args: dict[str, 
 
 
 def _run_eval(recipe: str, overrides: list[str], folder: Path) -> dict[str, Any]:
-    from mathctl import evaluate
     from mathctl.core.config import dump_yaml, load_recipe
+    from mathctl.worker import step_module
+
+    evaluate, _ = step_module("eval")
 
     cfg, _ = load_recipe("eval", evaluate.EvalConfig, recipe, overrides, {})
     problems = evaluate.load_tasks(cfg)

@@ -30,9 +30,9 @@ def parse_slice(text: str) -> tuple[int, int]:
     try:
         k, n = (int(x) for x in text.split("/"))
     except ValueError:
-        raise ValueError(f"a slice must look like k/N, e.g. 0/4 (got {text!r})") from None
+        raise ValueError(f"a shard must look like i/N, e.g. 0/4 (got {text!r})") from None
     if n < 1 or not 0 <= k < n:
-        raise ValueError(f"a slice k/N needs 0 <= k < N (got {text!r})")
+        raise ValueError(f"a shard i/N needs 0 <= i < N (got {text!r})")
     return k, n
 
 

@@ -111,7 +111,7 @@ def eval_plot(run: RunDir, summary: dict[str, Any]) -> Path | None:
 
 
 def rounds_plot(run: RunDir) -> Path | None:
-    from mathctl.mcts_sample import plot_rounds
+    from mathctl.plots import plot_rounds
 
     path = run.path / "rounds.jsonl"
     if path.is_file():
