@@ -24,14 +24,19 @@ What is kept the same
     on by default; it is switched off here as mathctl does not use it), one process.
     Each side runs in its own fresh subprocess, one after the other.
 
-    Layout is each side's default: mathctl packs a micro-batch padding-free into one row (sdpa per
-    sample through its `mathctl_varlen` attention, or flash-attn varlen); TRL pads to the longest sample of
-    the micro-batch (`packing=False`, `padding_free=False`, its defaults). TRL runs with
+    Layout: mathctl packs a micro-batch padding-free into one row (sdpa per sample through its
+    `mathctl_varlen` attention, or flash-attn varlen). TRL runs twice: `trl`, its defaults, pads to the
+    longest sample of the micro-batch (`packing=False`, `padding_free=False`); `trl-pf`, its best
+    padding-free setting, which TRL 1.x accepts only with packing (`padding_free=True, packing=True,
+    packing_strategy="bfd"`; `padding_free` alone is a ValueError): best-fit-decreasing bins of up to
+    the mean token count of mathctl's micro-batches, one bin per step, attention kept within each sample
+    through the position ids. Its steps hold other samples than mathctl's (bfd reorders them), so tokens/s is
+    the figure that compares. TRL runs with
     `report_to="none"`, `logging_strategy="no"`, `save_strategy="no"`, `eval_strategy="no"`,
     `disable_tqdm=True`; mathctl with no eval rows, no intermediate checkpoints, one metrics line.
 
 Run
-    python bench/sft_throughput.py                    # CPU, tiny:qwen2-small, 40 steps
+    python bench/sft_throughput.py                    # CPU, tiny:qwen2-small, 40 steps, mathctl vs both TRL sides
     python bench/sft_throughput.py --json             # one JSON line instead of the table
     python bench/sft_throughput.py --repeats 3        # alternate the sides 3 times (default 2), keep each side's best
     python bench/sft_throughput.py --set train.packing=false   # mathctl with padded micro-batches instead
@@ -52,8 +57,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 # --- options ----------------------------------------------------------------------------------
+# trl: SFTTrainer's defaults (pad each micro-batch to its longest sample); trl-pf: its best padding-free
+# setting, which TRL >= 1.x only accepts with packing (`padding_free=True, packing=True, packing_strategy="bfd"`)
+SIDES = ("mathctl", "trl", "trl-pf")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,16 +74,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="peak dense TFLOP/s of the device for MFU (default 989: H100 SXM bf16); used on cuda")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's)")
-    p.add_argument("--only", choices=["mathctl", "trl"], default=None, help="run one side only (no ratio)")
+    p.add_argument("--only", choices=list(SIDES), default=None, help="run one side only (no ratio)")
     p.add_argument("--repeats", type=int, default=2,
                    help="runs per side, alternating mathctl/TRL; each side's best run is reported (default 2)")
     p.add_argument("--trl-padding-free", action="store_true",
-                   help="TRL padding_free=True (needs flash-attn on GPU); default: TRL's default, pad to the longest")
+                   help="only TRL's padding-free side against mathctl (default: both TRL sides)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra mathctl recipe override, mathctl side only (e.g. train.packing=false); repeatable")
     p.add_argument("--json", action="store_true", help="print one JSON line with both figures and the ratio")
     p.add_argument("--verbose", action="store_true", help="show the output of the two training runs")
-    p.add_argument("--_side", choices=["mathctl", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--_side", choices=list(SIDES), help=argparse.SUPPRESS)
     p.add_argument("--_result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps <= args.warmup_steps:
@@ -172,7 +179,7 @@ def step_order(cfg, tokenizer) -> tuple[list[list[dict]], list[list[int]]]:
     from mathctl.sft import IGNORE, load_rows, row_to_messages, tokenize_conversation
     from mathctl.training import StepPlan
 
-    rows = load_rows(cfg.data)
+    rows = load_rows(cfg.data.source, synthetic=cfg.data.synthetic)
     conversations = [row_to_messages(row, cfg.data, i) for i, row in enumerate(rows)]
     # prepare_examples drops rows without a trained token; with eval_rows=0 the rest keep their order
     kept = [i for i, m in enumerate(conversations)
@@ -226,7 +233,11 @@ def _attn(cfg, args) -> str:
 
 
 # --- TRL side ---------------------------------------------------------------------------------
-def side_trl(args: argparse.Namespace) -> dict[str, Any]:
+def side_trl(args: argparse.Namespace, padding_free: bool = False) -> dict[str, Any]:
+    """TRL's SFTTrainer on the same model, conversations and schedule. `padding_free`: TRL's padding-free
+    layout, which it only offers with packing: best-fit-decreasing bins of up to the mean token count of mathctl's
+    micro-batches, one bin per step (mathctl packs a micro-batch into one row), so the steps hold other samples
+    than mathctl's (bfd reorders them) and tokens/s is what compares."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import SFTConfig as TRLConfig
@@ -249,16 +260,25 @@ def side_trl(args: argparse.Namespace) -> dict[str, Any]:
     t = cfg.train
 
     with tempfile.TemporaryDirectory(prefix="bench-sft-trl-") as tmp:
+        layout = dict(per_device_train_batch_size=t.micro_batch_size, max_length=t.max_seq_len, packing=False,
+                      padding_free=False)
+        if padding_free:  # bins the size of mathctl's mean micro-batch, so a step holds about the same tokens
+            from mathctl.sft import tokenize_conversation
+
+            lengths = [min(len(tokenize_conversation(m, tokenizer, t.loss_on, t.max_seq_len)["input_ids"]), t.max_seq_len)
+                       for m in ordered]
+            bin_tokens = max(t.max_seq_len, round(sum(lengths) / len(steps)))
+            layout = dict(per_device_train_batch_size=1, max_length=bin_tokens, packing=True, packing_strategy="bfd",
+                          padding_free=True)
         targs = TRLConfig(
-            output_dir=tmp, seed=t.seed,
-            per_device_train_batch_size=t.micro_batch_size, gradient_accumulation_steps=1, max_steps=t.max_steps,
+            output_dir=tmp, seed=t.seed, **layout, gradient_accumulation_steps=1, max_steps=t.max_steps,
             learning_rate=t.lr, weight_decay=t.weight_decay, adam_beta1=t.betas[0], adam_beta2=t.betas[1],
             adam_epsilon=t.eps, max_grad_norm=t.max_grad_norm or 0.0, optim="adamw_torch_fused",
             lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio},
             warmup_steps=t.warmup_steps,
             bf16=args.precision == "bf16", fp16=False, gradient_checkpointing=False,
             use_cpu=args.device == "cpu", dataloader_num_workers=0, dataloader_pin_memory=args.device == "cuda",
-            max_length=t.max_seq_len, packing=False, padding_free=args.trl_padding_free, completion_only_loss=True,
+            completion_only_loss=True,
             train_sampling_strategy="sequential", shuffle_dataset=False,
             report_to="none", logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
         )
@@ -312,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args._side:
-        result = side_mathctl(args) if args._side == "mathctl" else side_trl(args)
+        result = side_mathctl(args) if args._side == "mathctl" else side_trl(args, padding_free=args._side == "trl-pf")
         Path(args._result).write_text(json.dumps(result))
         return
 
@@ -331,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model_dir = models.resolve_model_path(f"tiny:{args.preset}")  # build the tiny model once, outside the timing
     child_argv = [a for a in argv if a not in ("--json", "--verbose")]
-    sides = [s for s in ("mathctl", "trl") if args.only in (None, s)]
+    sides = [s for s in SIDES if args.only in (None, s) and not (args.trl_padding_free and s == "trl")]
     load_before = os.getloadavg()[0]
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
     for _ in range(args.repeats):
@@ -358,12 +378,15 @@ def main(argv: list[str] | None = None) -> None:
         report["params"] = r["params"]
     if "mathctl" in results:
         report["mathctl"]["own_tokens_per_s"] = results["mathctl"].get("own_tokens_per_s")
-    if len(results) == 2:
-        m, t = results["mathctl"], results["trl"]
-        report["ratio"] = m["tokens_per_s"] / t["tokens_per_s"]
-        report["median_step_ratio"] = m["median_step_tokens_per_s"] / t["median_step_tokens_per_s"]
-        report["same_step_tokens"] = m["step_tokens"] == t["step_tokens"]
-        report["trl_version"] = t.get("trl_version")
+    for trl_side in ("trl", "trl-pf"):
+        if "mathctl" in results and trl_side in results:
+            m, t = results["mathctl"], results[trl_side]
+            key = "" if trl_side == "trl" else "_padding_free"
+            report[f"ratio{key}"] = m["tokens_per_s"] / t["tokens_per_s"]
+            report[f"median_step_ratio{key}"] = m["median_step_tokens_per_s"] / t["median_step_tokens_per_s"]
+            if trl_side == "trl":
+                report["same_step_tokens"] = m["step_tokens"] == t["step_tokens"]
+            report["trl_version"] = t.get("trl_version")
 
     if args.json:
         print(json.dumps(report))
@@ -387,8 +410,12 @@ def main(argv: list[str] | None = None) -> None:
             line += f" {row['mfu']:6.1%}"
         print(line)
     if "ratio" in report:
-        print(f"ratio mathctl / TRL: {report['ratio']:.2f}x (median-step figures: {report['median_step_ratio']:.2f}x)"
+        print(f"ratio mathctl / TRL default (padded): {report['ratio']:.2f}x (median-step figures: "
+              f"{report['median_step_ratio']:.2f}x)"
               + ("" if report["same_step_tokens"] else "  (warning: the sides saw different token counts per step)"))
+    if "ratio_padding_free" in report:
+        print(f"ratio mathctl / TRL padding-free (packing bfd): {report['ratio_padding_free']:.2f}x (median-step "
+              f"figures: {report['median_step_ratio_padding_free']:.2f}x; its steps hold other samples, tokens/s compares)")
     print(f"1-min load average before/after: {report['loadavg_1min'][0]} / {report['loadavg_1min'][1]} "
           f"on {report['cpu_count']} CPUs (other work on the machine skews CPU figures; use --repeats)")
     print("tokens/s = non-padding input tokens of the timed steps / their wall-clock seconds; med-step = median over "
