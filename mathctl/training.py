@@ -199,15 +199,14 @@ def _load_sharded(build, spec: ModelSpec, train: TrainBase, lora: LoraSpec, laun
     """prepare_model's sharded path; None (after one log line) when the checkpoint cannot be read by name."""
     from mathctl import models
 
+    index, why = None, "not a safetensors checkpoint"
     try:
-        folder = models.local_model_folder(spec)
+        index = models.safetensors_index(models.local_model_folder(spec))
     except Exception as exc:  # the full load below reports an unreachable hub properly
-        log(f"{spec.path}: no local folder ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-            "every process loads the whole model")
-        return None
-    index = models.safetensors_index(folder)
-    if index is None:
-        log(f"{spec.path}: not a safetensors checkpoint; every process loads the whole model")
+        why = f"no local folder ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    if dist.all_reduce_sum([float(index is None)])[0]:  # every rank takes the same path (fully_shard is collective)
+        log(f"{spec.path}: {why if index is None else 'not readable on every process'}; every process loads the "
+            "whole model")
         return None
     model = build(True)
     if frozen:
@@ -253,22 +252,25 @@ def _checkpoint_key(name: str, index: dict[str, Path], base_prefix: str) -> str 
 
 def _fill_shards(model: torch.nn.Module, index: dict[str, Path], sources: dict[str, str],
                  values: dict[str, torch.Tensor]) -> None:
-    """Copy into every local shard its rows: from `values` (full tensors by name) or read from the file."""
-    from contextlib import ExitStack
+    """Copy into every local shard its rows: from `values` (full tensors by name) or read from the file.
 
+    Reads go `_READ_BLOCK` bytes of rows at a time, each opening its file anew: safetensors maps the file, and
+    the pages a read touches count in the process's resident memory until the map is closed, so a rank's peak
+    is its shard plus about two blocks, not plus its part of the largest tensor (or of the whole checkpoint,
+    were the files held open).
+    """
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    with ExitStack() as stack, torch.no_grad():
-        files: dict[Path, Any] = {}
+    def read(name: str, where: tuple[slice, ...]) -> torch.Tensor:
+        if name in values:
+            return values[name][where]
+        key = sources[name]
+        with safe_open(str(index[key]), framework="pt") as f:
+            return f.get_slice(key)[where] if where else f.get_tensor(key)
 
-        def read(key: str, where: tuple[slice, ...]) -> torch.Tensor:
-            path = index[key]
-            if path not in files:
-                files[path] = stack.enter_context(safe_open(str(path), framework="pt"))
-            return files[path].get_slice(key)[where] if where else files[path].get_tensor(key)
-
+    with torch.no_grad():
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             if isinstance(tensor, DTensor):
                 local = tensor.to_local()
@@ -277,9 +279,19 @@ def _fill_shards(model: torch.nn.Module, index: dict[str, Path], sources: dict[s
                 local, shape, offset = tensor, tuple(tensor.shape), (0,) * tensor.dim()
             if local.numel() == 0:  # more ranks than rows
                 continue
-            where = tuple(slice(start, start + size) for start, size in zip(offset, shape))
-            value = values[name][where] if name in values else read(sources[name], where)
-            local.copy_(value.reshape(local.shape))  # copy_ casts (a bf16 checkpoint into fp32 parameters)
+            if local.dim() == 0:
+                local.copy_(read(name, ()))
+                continue
+            rows = max(1, _READ_BLOCK // (local[0].numel() * local.element_size()))
+            for first in range(0, shape[0], rows):
+                last = min(first + rows, shape[0])
+                where = (slice(offset[0] + first, offset[0] + last),
+                         *(slice(start, start + size) for start, size in zip(offset[1:], shape[1:])))
+                block = local[first:last]
+                block.copy_(read(name, where).reshape(block.shape))  # copy_ casts (a bf16 checkpoint, fp32 params)
+
+
+_READ_BLOCK = 16 << 20  # bytes of a shard filled per read
 
 
 @contextmanager
