@@ -537,15 +537,16 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
         f"{g.prompts_per_step} prompts x {g.group_size} completions")
 
     # --- policy, reference, engine
-    model = models.load_causal_lm(cfg.model, device_type=dist.device.type, compute=cfg.train.precision)
+    def build(empty: bool):
+        return models.load_causal_lm(cfg.model, device_type=dist.device.type, compute=cfg.train.precision, empty=empty)
+
+    model = training.prepare_model(build, cfg.model, cfg.train, cfg.lora, cfg.launch, dist)
+    model.train()
     ref_model = None
     if g.beta > 0 and not cfg.lora.enabled:
-        ref_model = models.load_causal_lm(cfg.model, device_type=dist.device.type,
-                                          compute=cfg.train.precision).to(dist.device).eval()
-        ref_model.requires_grad_(False)
-    model = training.adapt_model(model, cfg.train, cfg.lora, dist.device)
-    model = training.shard_model(model, cfg.launch, cfg.train, dist)
-    model.train()
+        # frozen; under FSDP2 sharded like the policy (its forwards are collective: every rank runs the same
+        # number, on its equal share of the step's completions), else a full copy per process
+        ref_model = training.prepare_model(build, cfg.model, cfg.train, cfg.lora, cfg.launch, dist, frozen=True)
     optimizer = training.build_optimizer(model, cfg.train)
     scheduler = training.build_scheduler(optimizer, cfg.train, opt_steps)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -562,7 +563,8 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
         tp_group, _ = torch.distributed.new_subgroups_by_enumeration(
             [list(range(start, start + tp)) for start in range(0, dist.world, tp)])
     log(f"model: {cfg.model.path}, trainable parameters {trainable:,} on {dist.world} process(es); rollouts on "
-        f"{backend}; reference model: {'adapters off' if cfg.lora.enabled and g.beta > 0 else 'copy' if ref_model else 'none (beta 0)'}")
+        f"{backend}; reference model: {'adapters off' if cfg.lora.enabled and g.beta > 0 else 'copy' if ref_model is not None else 'none (beta 0)'}"
+        f"{' (sharded)' if ref_model is not None and dist.distributed and cfg.launch.preset == 'fsdp' else ''}")
 
     try:
         def push_weights() -> float:

@@ -39,7 +39,9 @@ compute dtype (bf16: 2, fp32: 4), T tokens in one micro-batch, L layers, V vocab
   logits       the LM head's fp32 buffers (logits, log-softmax, their gradient: 3 x 4 bytes x V) for
                train.logits_chunk_tokens positions at a time, all of them when it is null; positions are
                T for sft, micro_batch_size x max_completion_len for grpo; rm's head has one output (0)
-  reference    grpo with grpo.beta > 0 and no LoRA: an unsharded fp32 copy of the policy on every process, 4P
+  reference    grpo with grpo.beta > 0 and no LoRA: a frozen fp32 copy of the policy, sharded like it under FSDP2
+               (4P / processes; its layers are gathered one at a time like the policy's), whole under DDP
+               or on one process (4P)
   engine       grpo's colocated rollout engine. vLLM (backend vllm, or auto, which is vLLM on a GPU) takes
                engine.gpu_memory_utilization x the GPU's memory (or its weights plus engine.kv_cache_gb)
                and, in sleep mode (the default for colocated engines), gives it back while the trainer
@@ -352,7 +354,8 @@ class MemoryPlan:
             "activations": ("lower train.micro_batch_size or the sequence length" if self.checkpointing
                             else "set train.gradient_checkpointing=true or lower train.micro_batch_size"),
             "logits": "set train.logits_chunk_tokens (e.g. 1024)",
-            "reference": "use LoRA (the reference is then the adapters switched off) or grpo.beta=0",
+            "reference": "use more processes under FSDP2 (it is sharded), LoRA (the reference is then the adapters "
+                         "switched off) or grpo.beta=0",
         }
         return (f"the plan needs {size(self.total)} per GPU, more than its {self.gpu_text()}; the largest part is "
                 f"{largest} ({size(self.parts[largest])}): {hints[largest]}")
@@ -488,7 +491,7 @@ def plan_memory(step: str, cfg: Any) -> MemoryPlan | None:
     parts["logits"] = 3 * 4 * live * arch.vocab_size
 
     grpo = step == "grpo"
-    parts["reference"] = 4 * total_params if grpo and cfg.grpo.beta > 0 and not lora.enabled else 0
+    parts["reference"] = 4 * total_params / shards if grpo and cfg.grpo.beta > 0 and not lora.enabled else 0
     gpu_bytes, gpu_source = gpu_memory(launch)
     engine, engine_kept = _engine(cfg, arch, gpu_bytes, notes) if grpo else (0.0, 0.0)
     parts["engine"] = engine

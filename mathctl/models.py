@@ -283,20 +283,75 @@ def compute_name(dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
-def load_causal_lm(spec: ModelSpec, *, dtype=None, device_type: str = "cpu", model_cls=None, compute: str | None = None):
+def load_causal_lm(spec: ModelSpec, *, dtype=None, device_type: str = "cpu", model_cls=None, compute: str | None = None,
+                   empty: bool = False):
     """`from_pretrained` for a causal LM (or `model_cls`), with the spec's attention and trust settings.
-    `compute`: the precision the forward runs in (train.precision under mixed precision); default: `dtype`'s."""
+    `compute`: the precision the forward runs in (train.precision under mixed precision); default: `dtype`'s.
+    `empty`: the same model built from its config with parameters on the meta device (buffers real), for
+    `training.prepare_model` to fill shard by shard."""
     import torch
     from transformers import AutoModelForCausalLM
 
     name = resolve_model_path(spec.path)
     cls = model_cls or AutoModelForCausalLM
+    attn = pick_attn_implementation(spec.attn_implementation, device_type, compute or compute_name(dtype))
     try:
+        if empty:
+            return build_empty(cls, name, spec, dtype=dtype or torch.float32, attn_implementation=attn)
         return cls.from_pretrained(
             name, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
-            dtype=dtype or torch.float32, attn_implementation=pick_attn_implementation(spec.attn_implementation, device_type,
-                                                         compute or compute_name(dtype)),
+            dtype=dtype or torch.float32, attn_implementation=attn,
         )
     except OSError as exc:
         raise CheckpointError(f"cannot load model {name}: {str(exc).splitlines()[0]}",
                               hint="give a local Hugging Face folder, or make the hub reachable") from None
+
+
+def build_empty(cls, name: str, spec: ModelSpec, *, config_kwargs: dict[str, Any] | None = None, **kwargs):
+    """`cls` (an Auto class or a model class) from the config of `name`, parameters on the meta device,
+    buffers real (rotary `inv_freq` is not in checkpoints), with the folder's generation config; in eval
+    mode like `from_pretrained`."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(name, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
+                                        **(config_kwargs or {}))
+    with init_empty_weights(include_buffers=False):
+        if hasattr(cls, "from_config"):
+            model = cls.from_config(config, trust_remote_code=spec.trust_remote_code, **kwargs)
+        else:
+            model = cls._from_config(config, **kwargs)
+    model.tie_weights()  # the meta-device patch above replaces the tied Parameter; tie it again
+    if model.can_generate():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(name, revision=spec.revision)
+        except OSError:  # no generation_config.json: the one derived from the config stays
+            pass
+    return model.eval()
+
+
+def local_model_folder(spec: ModelSpec) -> Path:
+    """The local folder of `spec.path`; a hub id is fetched (config and safetensors files only) into the hub
+    cache with huggingface_hub."""
+    name = resolve_model_path(spec.path)
+    if Path(name).is_dir():
+        return Path(name)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name, revision=spec.revision, allow_patterns=["*.json", "*.safetensors"]))
+
+
+def safetensors_index(folder: Path) -> dict[str, Path] | None:
+    """Tensor name -> safetensors file of the checkpoint in `folder` (`model.safetensors.index.json` or a
+    single `model.safetensors`); None when it has neither (a `.bin` checkpoint)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map") or {}
+        return {key: folder / file for key, file in weight_map.items()}
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as f:
+        return {key: single for key in f.keys()}

@@ -300,25 +300,35 @@ def split_pairs(pairs: list[dict[str, Any]], fraction: float, seed: int) -> tupl
 
 
 def load_reward_model(spec: ModelSpec, tokenizer, *, device_type: str = "cpu", init_std: float = 0.001, seed: int = 0,
-                      compute: str = "fp32"):
+                      compute: str = "fp32", empty: bool = False):
     """`AutoModelForSequenceClassification` with one label from a causal LM (new head, near-zero
-    init) or from an earlier reward model (head kept)."""
+    init) or from an earlier reward model (head kept). `empty`: parameters on the meta device, except a
+    new head, initialised as here (`training.prepare_model` fills the rest shard by shard)."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     from mathctl import models
 
     name = models.resolve_model_path(spec.path)
+    attn = models.pick_attn_implementation(spec.attn_implementation, device_type, compute)
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            name, num_labels=1, revision=spec.revision, trust_remote_code=spec.trust_remote_code, dtype=torch.float32,
-            attn_implementation=models.pick_attn_implementation(spec.attn_implementation, device_type, compute),
-            output_loading_info=True)
+        if empty:
+            model = models.build_empty(AutoModelForSequenceClassification, name, spec, config_kwargs={"num_labels": 1},
+                                       dtype=torch.float32, attn_implementation=attn)
+            saved = models.safetensors_index(models.local_model_folder(spec)) or {}
+            new_head = not any(k.split(".")[0] in ("score", "classifier") for k in saved)
+        else:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                name, num_labels=1, revision=spec.revision, trust_remote_code=spec.trust_remote_code, dtype=torch.float32,
+                attn_implementation=attn, output_loading_info=True)
+            new_head = any(k.split(".")[0] in ("score", "classifier") for k in info.get("missing_keys", []))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load {name} as a reward model: {str(exc).splitlines()[0]}",
                           hint="give a causal LM (a new score head is added) or an earlier mathctl rm final/") from None
     head = score_head(model)
-    if any(k.split(".")[0] in ("score", "classifier") for k in info.get("missing_keys", [])):
+    if new_head:
+        if empty:
+            head.to_empty(device="cpu")
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * init_std)
@@ -354,12 +364,13 @@ def run(cfg: RMConfig, run_dir: RunDir) -> dict[str, Any]:
     log(f"data: {len(train_pairs)} train pairs, {len(eval_pairs)} held out ({stats['questions']} questions); "
         f"{plan.total_steps} steps of {plan.global_batch} pairs")
 
-    model = load_reward_model(cfg.model, tokenizer, device_type=dist.device.type, init_std=cfg.rm.head_init_std,
-                              seed=cfg.train.seed, compute=cfg.train.precision)
+    def build(empty: bool):
+        return load_reward_model(cfg.model, tokenizer, device_type=dist.device.type, init_std=cfg.rm.head_init_std,
+                                 seed=cfg.train.seed, compute=cfg.train.precision, empty=empty)
+
     # SEQ_CLS: the score head is trained in full beside the adapters
-    model = training.adapt_model(model, cfg.train, cfg.lora, dist.device, task_type="SEQ_CLS")
+    model = training.prepare_model(build, cfg.model, cfg.train, cfg.lora, cfg.launch, dist, task_type="SEQ_CLS")
     capture = _Capture(model)
-    model = training.shard_model(model, cfg.launch, cfg.train, dist)
     model.train()
     optimizer = training.build_optimizer(model, cfg.train)
     scheduler = training.build_scheduler(optimizer, cfg.train, plan.total_steps)

@@ -355,14 +355,19 @@ def run(cfg: SFTConfig, run_dir: RunDir) -> dict[str, Any]:
 
     # --- model
     attn = models.pick_attn_implementation(cfg.model.attn_implementation, dist.device.type, cfg.train.precision)
-    model = models.load_causal_lm(cfg.model, device_type=dist.device.type, compute=cfg.train.precision)
-    if cfg.train.packing and attn == "sdpa":  # padding-free without flash-attn: sdpa per packed sample
+    packed_sdpa = cfg.train.packing and attn == "sdpa"  # padding-free without flash-attn: sdpa per packed sample
+    if packed_sdpa:
         from mathctl import attention
 
         attn = attention.register()
-        model.set_attn_implementation(attn)
-    model = training.adapt_model(model, cfg.train, cfg.lora, dist.device)
-    model = training.shard_model(model, cfg.launch, cfg.train, dist)
+
+    def build(empty: bool):
+        model = models.load_causal_lm(cfg.model, device_type=dist.device.type, compute=cfg.train.precision, empty=empty)
+        if packed_sdpa:
+            model.set_attn_implementation(attn)
+        return model
+
+    model = training.prepare_model(build, cfg.model, cfg.train, cfg.lora, cfg.launch, dist)
     model.train()
     optimizer = training.build_optimizer(model, cfg.train)
     scheduler = training.build_scheduler(optimizer, cfg.train, plan.total_steps)

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from mathctl.core.config import LaunchConfig, LoraSpec, TrainBase
+from mathctl.core.config import LaunchConfig, LoraSpec, ModelSpec, TrainBase
 from mathctl.core.console import log
 from mathctl.core.errors import CheckpointError, ConfigError
 from mathctl.core.io import atomic_write_json
@@ -117,16 +117,38 @@ def apply_lora(model: torch.nn.Module, lora: LoraSpec, task_type: str = "CAUSAL_
 
 
 def adapt_model(model: torch.nn.Module, train: TrainBase, lora: LoraSpec, device, task_type: str = "CAUSAL_LM"):
-    """Gradient checkpointing and LoRA adapters as the recipe says, then the model on `device`
-    (the steps shard it afterwards with `shard_model`)."""
+    """Gradient checkpointing and LoRA adapters as the recipe says, then the model on `device` (None: where
+    it is; the steps shard it afterwards with `shard_model`)."""
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if lora.enabled:
         if train.gradient_checkpointing:
             model.enable_input_require_grads()
-        model = apply_lora(model, lora, task_type=task_type)
-    return model.to(device)
+        with torch.random.fork_rng(devices=[]):
+            model = apply_lora(model, lora, task_type=task_type)
+            init_adapters(model, getattr(train, "seed", 0))  # every step's train section has a seed
+    return model if device is None else model.to(device)
+
+
+def init_adapters(model: torch.nn.Module, seed: int) -> None:
+    """(Re)initialise every LoRA adapter from `seed` alone, on CPU, as peft does (A: kaiming, B: zeros).
+
+    On a meta-device base (prepare_model's sharded load) peft leaves the new adapters on the meta device,
+    values lost; this gives them values, and the same ones a model loaded in full gets.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    torch.manual_seed(seed)
+    init = model.peft_config["default"].init_lora_weights
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                for name in module.lora_A:
+                    for part in (module.lora_A[name], module.lora_B[name]):
+                        if part.weight.is_meta:
+                            part.to_empty(device="cpu")
+                    module.reset_lora_parameters(name, init)
 
 
 def shard_model(model: torch.nn.Module, launch: LaunchConfig, train: TrainBase, dist: Dist) -> torch.nn.Module:
@@ -145,6 +167,131 @@ def shard_model(model: torch.nn.Module, launch: LaunchConfig, train: TrainBase, 
         fully_shard(layer, mp_policy=mp, reshard_after_forward=launch.reshard_after_forward)
     fully_shard(model, mp_policy=mp, reshard_after_forward=launch.reshard_after_forward)
     return model
+
+
+# --- loading ----------------------------------------------------------------------------------
+def prepare_model(build, spec: ModelSpec, train: TrainBase, lora: LoraSpec, launch: LaunchConfig, dist: Dist, *,
+                  task_type: str = "CAUSAL_LM", frozen: bool = False) -> torch.nn.Module:
+    """The step's model, loaded, adapted (gradient checkpointing, LoRA) and sharded.
+
+    `build(empty)` returns the model before adaptation: loaded in full (`empty=False`), or with its
+    parameters on the meta device (`empty=True`; buffers, and tensors the step makes itself such as a new
+    score head, real). Several FSDP2 processes take the empty build: it is adapted and sharded, then
+    materialised on the device, and each rank reads only its own rows of each weight from the safetensors
+    files, so its peak host memory is near its shard rather than the whole model. One process, DDP, and a
+    checkpoint that is not safetensors or whose names do not match the model, load in full on every rank.
+    `frozen`: no adapters, no gradients, eval mode (a reference model); sharded only under FSDP2.
+    """
+    if dist.distributed and launch.preset == "fsdp":
+        model = _load_sharded(build, spec, train, lora, launch, dist, task_type=task_type, frozen=frozen)
+        if model is not None:
+            return model
+    model = build(False)
+    if frozen:
+        model = model.to(dist.device).eval().requires_grad_(False)
+        return shard_model(model, launch, train, dist) if launch.preset == "fsdp" else model
+    model = adapt_model(model, train, lora, dist.device, task_type=task_type)
+    return shard_model(model, launch, train, dist)
+
+
+def _load_sharded(build, spec: ModelSpec, train: TrainBase, lora: LoraSpec, launch: LaunchConfig, dist: Dist, *,
+                  task_type: str, frozen: bool) -> torch.nn.Module | None:
+    """prepare_model's sharded path; None (after one log line) when the checkpoint cannot be read by name."""
+    from mathctl import models
+
+    index, why = None, "not a safetensors checkpoint"
+    try:
+        index = models.safetensors_index(models.local_model_folder(spec))
+    except Exception as exc:  # the full load below reports an unreachable hub properly
+        why = f"no local folder ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    if dist.all_reduce_sum([float(index is None)])[0]:  # every rank takes the same path (fully_shard is collective)
+        log(f"{spec.path}: {why if index is None else 'not readable on every process'}; every process loads the "
+            "whole model")
+        return None
+    model = build(True)
+    if frozen:
+        model.requires_grad_(False)
+    else:
+        model = adapt_model(model, train, lora, None, task_type=task_type)
+    base_prefix = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model, "base_model_prefix", "")
+    sources, captured, unmatched = {}, {}, []
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    for names in aliases.values():  # tied weights: one Parameter under several names, one of them saved
+        tensor = model.get_parameter(names[0])
+        if tensor.device.type != "meta":  # made at build time (adapters, a new head): kept to copy from
+            captured.update({n: tensor.detach().clone() for n in names})
+            continue
+        key = next((k for k in (_checkpoint_key(n, index, base_prefix) for n in names) if k is not None), None)
+        if key is None:
+            unmatched.append(names[0])
+        sources.update({n: key for n in names})
+    if unmatched:
+        log(f"{spec.path}: {len(unmatched)} weight(s) not found by name in its safetensors files (e.g. "
+            f"{unmatched[0]}); every process loads the whole model")
+        return None
+    buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}  # real (include_buffers=False)
+    model = shard_model(model, launch, train, dist)
+    model.to_empty(device=dist.device)
+    _fill_shards(model, index, sources, {**captured, **buffers})
+    return model.eval() if frozen else model
+
+
+def _checkpoint_key(name: str, index: dict[str, Path], base_prefix: str) -> str | None:
+    """The checkpoint name of parameter `name` (peft's wrappers and prefixes removed), if the checkpoint has it."""
+    plain = name.removeprefix("base_model.model.")
+    for wrapper in (".base_layer.", ".modules_to_save.default.", ".original_module."):
+        plain = plain.replace(wrapper, ".")
+    candidates = [plain]
+    if base_prefix:  # a checkpoint of the bare backbone, or a backbone reading a full model's checkpoint
+        candidates.append(plain.removeprefix(f"{base_prefix}.") if plain.startswith(f"{base_prefix}.")
+                          else f"{base_prefix}.{plain}")
+    return next((key for key in candidates if key in index), None)
+
+
+def _fill_shards(model: torch.nn.Module, index: dict[str, Path], sources: dict[str, str],
+                 values: dict[str, torch.Tensor]) -> None:
+    """Copy into every local shard its rows: from `values` (full tensors by name) or read from the file.
+
+    Reads go `_READ_BLOCK` bytes of rows at a time, each opening its file anew: safetensors maps the file, and
+    the pages a read touches count in the process's resident memory until the map is closed, so a rank's peak
+    is its shard plus about two blocks, not plus its part of the largest tensor (or of the whole checkpoint,
+    were the files held open).
+    """
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    def read(name: str, where: tuple[slice, ...]) -> torch.Tensor:
+        if name in values:
+            return values[name][where]
+        key = sources[name]
+        with safe_open(str(index[key]), framework="pt") as f:
+            return f.get_slice(key)[where] if where else f.get_tensor(key)
+
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if isinstance(tensor, DTensor):
+                local = tensor.to_local()
+                shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+            else:
+                local, shape, offset = tensor, tuple(tensor.shape), (0,) * tensor.dim()
+            if local.numel() == 0:  # more ranks than rows
+                continue
+            if local.dim() == 0:
+                local.copy_(read(name, ()))
+                continue
+            rows = max(1, _READ_BLOCK // (local[0].numel() * local.element_size()))
+            for first in range(0, shape[0], rows):
+                last = min(first + rows, shape[0])
+                where = (slice(offset[0] + first, offset[0] + last),
+                         *(slice(start, start + size) for start, size in zip(offset[1:], shape[1:])))
+                block = local[first:last]
+                block.copy_(read(name, where).reshape(block.shape))  # copy_ casts (a bf16 checkpoint, fp32 params)
+
+
+_READ_BLOCK = 16 << 20  # bytes of a shard filled per read
 
 
 @contextmanager

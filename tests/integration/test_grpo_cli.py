@@ -111,6 +111,22 @@ def test_two_fsdp_processes_with_lora_and_kl(cli, lively_model, tmp_path):
     AutoModelForCausalLM.from_pretrained(run / "final")
 
 
+@pytest.mark.slow
+def test_two_fsdp_processes_with_a_sharded_reference_model(cli, lively_model, tmp_path):
+    """beta > 0 without LoRA on 2 FSDP2 processes: the reference model is loaded shard by shard and sharded like
+    the policy (its forwards are collective, one per micro-batch of each rank's equal share). KL 0 at the first
+    step (policy == reference), positive after an update."""
+    run = tmp_path / "ref"
+    result = cli("grpo", *_quick(lively_model, "launch.num_processes=2", "grpo.beta=0.1", "train.max_steps=2",
+                                 "output.save_every_steps=null", "output.plots=false"),
+                 "--run-dir", str(run), "--json")
+    assert result.returncode == 0, result.stderr
+    assert "reference model: copy (sharded)" in result.stderr
+    metrics = _metrics(run)
+    assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics[-1]["kl"] > 0
+
+
 def test_options_that_change_the_objective_run(cli, lively_model, tmp_path):
     """dr_grpo, group filtering and truncation masking on one process; a truncated completion with
     mask_truncated is not trained on (active_frac < 1)."""
