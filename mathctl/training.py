@@ -165,7 +165,11 @@ def shard_model(model: torch.nn.Module, launch: LaunchConfig, train: TrainBase, 
         else MixedPrecisionPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp, reshard_after_forward=launch.reshard_after_forward)
-    fully_shard(model, mp_policy=mp, reshard_after_forward=launch.reshard_after_forward)
+    # The root's own weights (embeddings, final norm, LM or score head) stay gathered from forward to backward,
+    # as FSDP2 does by default: resharded after forward, they are gathered again only by a backward that starts
+    # from the model's outputs, and rm's loss starts from the head's output at chosen positions (a hook), so
+    # its backward found the score head freed ("setStorage ... storage of size 0" on 2 processes).
+    fully_shard(model, mp_policy=mp, reshard_after_forward=False)
     return model
 
 

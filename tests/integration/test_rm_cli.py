@@ -38,7 +38,9 @@ def test_process_rm_trains_saves_and_resumes(cli, tiny_model, tmp_path, ppm_run)
     model = AutoModelForSequenceClassification.from_pretrained(final)
     assert model.config.num_labels == 1 and model.score.weight.shape[0] == 1
 
-    r2 = cli("rm", *_quick(tiny_model), "--run-dir", str(resumed))
+    # the same run on 2 FSDP processes (half the micro-batch each), killed after step 3 and resumed: the same
+    # weights (rm's loss starts from the score head's output through a hook, not from the model's output)
+    r2 = cli("rm", *_quick(tiny_model, "launch.num_processes=2", "train.micro_batch_size=4"), "--run-dir", str(resumed))
     assert r2.returncode == 0, r2.stderr
     shutil.rmtree(resumed / "checkpoints" / "step_000006")
     shutil.rmtree(resumed / "final")
@@ -46,7 +48,7 @@ def test_process_rm_trains_saves_and_resumes(cli, tiny_model, tmp_path, ppm_run)
     assert r3.returncode == 0, r3.stderr
     assert json.loads(r3.stdout)["resumed_from_step"] == 3
     a, b = load_file(final / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
 
     # the run's checkpoint converts to the same HF reward model
     conv = cli("convert-ckpt", str(straight), str(tmp_path / "conv"), "--json")
