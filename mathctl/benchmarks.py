@@ -94,6 +94,16 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
 ]}
 
 ALIASES: dict[str, str] = {alias: b.name for b in BENCHMARKS.values() for alias in b.aliases}
+# Task names of lighteval and lm-evaluation-harness for the same sets (lm-eval's `minerva_math` is MATH with
+# Minerva's prompt, not the Minerva OCW set that `minerva_math` names here, so it is not an alias).
+ALIASES.update({
+    "math_500": "math500", "minerva_math500": "math500", "hendrycks_math500": "math500",
+    "hendrycks_math": "math",
+    "aime_2024": "aime2024", "aime_2025": "aime2025",
+    "gsm8k_cot": "gsm8k", "gsm8k_cot_zeroshot": "gsm8k", "gsm8k_cot_llama": "gsm8k",
+    "gsm8k_cot_self_consistency": "gsm8k",
+    "olympiadbench_math_en": "olympiadbench", "gaokao2023": "gaokao2023en",
+})
 
 
 FILE_SUFFIXES = (".jsonl", ".json")
@@ -117,6 +127,8 @@ def get_benchmark(name: str) -> Benchmark:
             raise ConfigError(f"eval task file {name} does not exist", hint="give an existing JSONL file, or a task name")
         return file_benchmark(name.strip())
     key = name.strip().lower()
+    if key.count("|") >= 1:  # lighteval's task spec, suite|task|fewshot|truncate: the task part
+        key = key.split("|")[1] if key.split("|")[0] in ("lighteval", "extended", "custom", "community") else key
     key = ALIASES.get(key, key)
     if key not in BENCHMARKS:
         import difflib
@@ -208,7 +220,10 @@ def load_problems(bench: Benchmark, data_dir: Path | None, *,
                             hint="check that the file is this benchmark's test set")
         problems.append(Problem(index=index, id=row.get(bench.id_field, index) if bench.id_field else index,
                                 problem=text, gold=gold, extra={k: row[k] for k in bench.extra_fields if k in row}))
-    if problems and all(p.gold is None for p in problems):
+    if not problems:
+        raise DataError(f"no problems in {source}", hint="give a file with one JSON object per line (a problem and "
+                        "its answer)" if bench.path else f"check that {source} is {bench.name}'s test set")
+    if all(p.gold is None for p in problems):
         fields = ", ".join(spec.partition(":")[2] for spec in bench.answer)
         raise DataError(f"{bench.name}: no row of {source} has a gold answer (looked for {fields})",
                         hint="add an `answer` field to every row")

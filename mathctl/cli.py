@@ -265,13 +265,16 @@ def grpo(
              resume=resume, dry_run=dry_run, as_json=json_out, slurm=slurm, submit=submit)
 
 
+DEFAULT_MCTS_RECIPE = "rstar-math"  # `mathctl mcts-sample --rounds 4`: rStar-Math's search when no recipe is named
+
+
 @app.command("mcts-sample", help="rStar-Math Monte Carlo Tree Search over code-augmented steps (or beam search, "
              "greedy), with a policy, an optional process preference model (--prm) and a sandbox for model-written "
              "code. Writes trees.jsonl, sft.jsonl, ppm_pairs.jsonl and summary.json. --rounds N runs self-evolution: "
              "search, train the next policy (sft) and PPM (rm) on the output, search again. "
              "`mathctl mcts-sample merge DIR... --run-dir OUT` combines --shard i/N runs. "
              "Example: mathctl mcts-sample --recipe quickstart-mcts --model runs/sft/quickstart-code/final --rounds 2. "
-             "Shipped recipes: " + _recipes_help("mcts"))
+             "Without --recipe: rstar-math. Shipped recipes: " + _recipes_help("mcts"))
 def mcts_sample(
     overrides: list[str] = typer.Argument(None, help="Dotted overrides (search.iterations=16), or `merge` followed "
                                           "by shard folders.", show_default=False),
@@ -301,6 +304,11 @@ def mcts_sample(
         print_table(mcts.rounds_table([{"round": 1, **summary}]))
         _emit(summary, json_out)
         return
+    if recipe is None and not resume:
+        recipe = DEFAULT_MCTS_RECIPE
+        from mathctl.core.console import log
+
+        log(f"recipe: {recipe} (the default of mcts-sample; --recipe picks another)")
     run_step("mcts", recipe=recipe, overrides=overrides, aliases={
         "model.path": model, "prm": prm, "rounds.count": rounds, "data.shard": shard, "data.limit": limit},
         run_dir=run_dir, resume=resume, dry_run=dry_run, as_json=json_out, slurm=slurm, submit=submit,
@@ -635,7 +643,11 @@ def eval_cmd(
     if resume and recipe is None and not overrides and all(v is None for v in aliases.values()):
         recipe = _saved_recipe("eval", run_dir)
     if recipe is None and model is None and not any(o.startswith("model.path=") for o in overrides):
-        raise ConfigError("mathctl eval needs a model", hint="mathctl eval math500 --model PATH_OR_HUB_ID (or tiny:qwen2-tiny)")
+        from mathctl.core.defaults import MODEL_ENV, PROJECT_FILE, project_defaults
+
+        if "model" not in project_defaults():
+            raise ConfigError("mathctl eval needs a model", hint=f"mathctl eval math500 --model PATH_OR_HUB_ID (or "
+                              f"tiny:qwen2-tiny), or set {MODEL_ENV}, or `model: ...` in ./{PROJECT_FILE}")
     cfg, name = load_recipe("eval", evaluate.EvalConfig, recipe, overrides, aliases)
     if dry_run:
         if json_out:
@@ -696,8 +708,13 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except _EXITS as exc:
         return exc.exit_code
-    except _CLICK_ERRORS as exc:  # usage errors: unknown option, missing argument
-        exc.show(file=sys.stderr)
+    except _CLICK_ERRORS as exc:  # usage errors: unknown option, a value out of range, a missing argument
+        from rich.text import Text
+
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None and ctx.command_path else "mathctl"
+        console.print(Text("error: ", style="red") + Text(" ".join(exc.format_message().split())))
+        console.print(Text(f"hint: `{where} --help` lists its options and arguments"))
         return EXIT_USER
     except _ABORTS:
         console.print("aborted")

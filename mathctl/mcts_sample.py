@@ -277,6 +277,8 @@ def run_round(cfg: MCTSConfig, folder: Path, *, policy: str, prm: str | None, la
     folder.mkdir(parents=True, exist_ok=True)
     problems = load_problems(cfg.data) if problems is None else problems
     done = _done_ids(folder)
+    for name in ("sft.jsonl", "ppm_pairs.jsonl"):  # always there (empty when nothing qualifies): scripts rely on them
+        (folder / name).touch()
     todo = [p for p in problems if p["id"] not in done]
     if done:
         log(f"{label}: {len(done)} problems done earlier, {len(todo)} to go")

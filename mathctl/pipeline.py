@@ -188,8 +188,7 @@ def headline(stage: Stage, summary: dict[str, Any], folder: Path) -> str:
             first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
             return f"reward {first:.3f} -> {last:.3f} (mean of first/last {k} steps)"
     if stage.step == "mcts":
-        rounds = summary.get("rounds") or [{"round": 1, **summary}]
-        return "; ".join(f"round {r['round']}: solve rate {r['solve_rate']:.3f}" for r in rounds)
+        return _search_headline(summary, folder)
     if stage.step == "rm":
         acc = summary.get("eval_accuracy")
         if acc is None:
@@ -201,6 +200,24 @@ def headline(stage: Stage, summary: dict[str, Any], folder: Path) -> str:
     if stage.step == "synthetic":
         return f"{summary.get('rows')} problems"
     return summary.get("preset", "")
+
+
+def _search_headline(summary: dict[str, Any], folder: Path) -> str:
+    """A search stage's figures, each saying what it is: the solve rate is graded against the gold (a correct
+    answer anywhere in the tree: an oracle); the accuracy is the tree's chosen answer, picked with the gold's
+    rewards or by the PPM without it."""
+    import yaml
+
+    recipe = yaml.safe_load((folder / "recipe.yaml").read_text()) if (folder / "recipe.yaml").is_file() else {}
+    search = recipe.get("search", {})
+    rounds = summary.get("rounds") or [{"round": 1, **summary}]
+    if search.get("mode") == "greedy":
+        return f"{rounds[-1]['problems']} problems: greedy accuracy {rounds[-1]['accuracy']:.3f} (graded against the gold)"
+    picked = "picked by the PPM, without the gold" if search.get("terminal_reward") == "ppm" else \
+        "picked with gold rewards"
+    text = "; ".join(f"round {r['round']}: solve rate {r['solve_rate']:.3f}" for r in rounds)
+    return (f"{rounds[-1]['problems']} problems: {text} (a gold-graded correct answer anywhere in the tree); "
+            f"chosen-answer accuracy {rounds[-1]['accuracy']:.3f} ({picked})")
 
 
 def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:

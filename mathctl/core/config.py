@@ -276,12 +276,14 @@ def load_recipe(step: str, config_cls: type[BaseModel], recipe: str | None, over
     Returns:
         The validated config and the recipe's name (file stem, or `custom`).
     """
-    data: dict[str, Any] = {}
+    from mathctl.core.defaults import recipe_base
+
+    data: dict[str, Any] = recipe_base(step, set(config_cls.model_fields))  # mathctl.yaml, MATHCTL_MODEL
     source = "defaults"
     name = "custom"
     if recipe:
         path = resolve_recipe_path(step, recipe)
-        data = read_yaml(path)
+        data = _deep_merge(data, read_yaml(path))
         source = str(path)
         name = path.stem
     overridden: set[str] = set()
@@ -303,6 +305,14 @@ def load_recipe(step: str, config_cls: type[BaseModel], recipe: str | None, over
                           hint=f"run it with `mathctl {data['step']} --recipe ...`")
     cfg = validate(config_cls, data, source=source, overridden=overridden)
     return cfg, name
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, mapping by mapping."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def dump_yaml(cfg: BaseModel) -> str:

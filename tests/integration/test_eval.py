@@ -86,6 +86,10 @@ def test_unknown_task_and_bad_inputs_exit_2(tiny_model, tmp_path, cli):
         assert "vLLM is not installed" in proc.stderr and "pip install" in proc.stderr
     proc = cli("eval", "gsm8k", "--data-dir", str(BENCH))
     assert proc.returncode == 2 and "needs a model" in proc.stderr
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    proc = cli("eval", str(empty), "--model", str(tiny_model), "--run-dir", str(tmp_path / "e"))
+    assert proc.returncode == 2 and f"no problems in {empty}" in proc.stderr and not (tmp_path / "e").exists()
 
 
 @pytest.mark.slow
