@@ -33,7 +33,7 @@ def test_quickstart_pipeline_shows_each_stage_effect(quickstart_pipeline):
     run, summary = quickstart_pipeline
     assert [Path(s["folder"]).name for s in summary["stages"]] == [
         "1-model", "2-data", "3-heldout", "4-eval-base", "5-sft", "6-eval-sft", "7-grpo", "8-eval-grpo", "9-ppm",
-        "10-greedy-search", "11-mcts", "12-eval-final", "13-eval-bon"]
+        "10-greedy-search", "11-mcts", "12-search-heldout", "13-eval-final", "14-eval-bon"]
     base, sft, grpo = score(run / "4-eval-base"), score(run / "6-eval-sft"), score(run / "8-eval-grpo")
     assert base["score"] == 0.0 and sft["score"] >= 0.5  # measured: 0 -> 0.72 on 200 held-out two-step problems
     assert grpo["score"] >= sft["score"] - 0.06  # measured 0.70: GRPO's gain is on its 80 prompts (see README)
@@ -49,7 +49,11 @@ def test_quickstart_pipeline_shows_each_stage_effect(quickstart_pipeline):
     inner = [n for t in trees for n in t["nodes"] if n["parent"] and not n["terminal"]]
     assert inner and all(n["text"].endswith("\n") and n["text"].count("\n") == 1 for n in inner)  # text steps
     assert all(n["ppm"] is not None for n in inner)  # the PPM valued every new node
-    bon = score(run / "13-eval-bon")
+    held = json.loads((run / "12-search-heldout" / "summary.json").read_text())
+    assert held["problems"] == 48 and held["prm"] == mcts["prm"] and held["policy"] == mcts["policy"]
+    assert "picked by the PPM, without the gold" in stage(summary, "search-heldout")["result"]
+    assert "picked with gold rewards" in stage(summary, "mcts")["result"]
+    bon = score(run / "14-eval-bon")
     assert bon["n"] == 8 and set(bon["bon@k"]) == {"1", "2", "4", "8"} and 0 < bon["bon@k"]["8"] <= 1
     assert "accuracy" in stage(summary, "eval-sft")["result"] and "->" in stage(summary, "grpo")["result"]
     assert all(s["outputs"]["run_dir"] for s in summary["stages"])
@@ -69,7 +73,7 @@ def test_report_draws_readable_plots_of_every_stage(quickstart_pipeline):
     assert out.returncode == 0, out.stderr[-3000:]
     written = [Path(p) for p in json.loads(out.stdout)["reports"]]
     expected = {"5-sft": ["loss", "lr", "grad_norm"], "7-grpo": ["reward", "completion_len", "lr"],
-                "9-ppm": ["loss", "accuracy"], "8-eval-grpo": ["eval_accuracy"], "13-eval-bon": ["eval_accuracy"],
+                "9-ppm": ["loss", "accuracy"], "8-eval-grpo": ["eval_accuracy"], "14-eval-bon": ["eval_accuracy"],
                 "11-mcts": ["solve_rate"]}
     for folder, names in expected.items():
         for name in names:
