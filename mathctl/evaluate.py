@@ -479,14 +479,7 @@ def run_replicated(cfg: EvalConfig, run_dir: RunDir, problems: dict[str, list]) 
     folders = run_replicas("eval", configs, run_dir.path, engine=cfg.engine, rows_file=RESULTS, total=total,
                            label="eval")
     tasks = list(problems)
-    order = {t: i for i, t in enumerate(tasks)}
-    records: dict[tuple[str, int], dict[str, Any]] = {}
-    for folder in folders:
-        for record in read_results(folder / RESULTS):
-            records[(record["task"], record["index"])] = record
-    merged = sorted(records.values(), key=lambda r: (order.get(r["task"], len(order)), r["index"]))
-    atomic_write_text(run_dir.path / RESULTS, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n"
-                                                     for r in merged))
+    write_merged_results(folders, tasks, run_dir.path / RESULTS)
     head = json.loads((folders[0] / "summary.json").read_text())
     template = folders[0] / "chat_template.jinja"
     if template.is_file():
@@ -500,7 +493,6 @@ def merge(shard_dirs: list[Path], out: Path, *, min_score: float | None = None) 
     import yaml
 
     from mathctl.core.config import dump_yaml, validate
-    from mathctl.core.io import atomic_write_text
 
     if not shard_dirs:
         raise ConfigError("eval merge needs the shard run folders", hint="mathctl eval merge runs/eval/a-0 runs/eval/a-1 --run-dir runs/eval/a")
@@ -544,19 +536,27 @@ def merge(shard_dirs: list[Path], out: Path, *, min_score: float | None = None) 
     base.eval.shard = None
     if min_score is not None:
         base.eval.min_score = min_score
-    records: dict[tuple[str, int], dict[str, Any]] = {}
-    for folder in shard_dirs:
-        for record in read_results(folder / RESULTS):
-            records[(record["task"], record["index"])] = record
     tasks = get_task_names(base)
-    order = {t: i for i, t in enumerate(tasks)}
-    merged = sorted(records.values(), key=lambda r: (order.get(r["task"], len(order)), r["index"]))
     run = RunDir.create(out, recipe_yaml=dump_yaml(base), step="eval", resume=False, seeds=base.seeds())
-    atomic_write_text(run.path / RESULTS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged))
+    write_merged_results(shard_dirs, tasks, run.path / RESULTS)
     head_path = shard_dirs[0] / "summary.json"
     head = json.loads(head_path.read_text()) if head_path.is_file() else {}
     return write_summary(base, run, tasks, prompt_format=head.get("prompt_format"), backend=head.get("backend"),
                          chat_template_digest=head.get("chat_template_digest"), shards=[str(f) for f in shard_dirs])
+
+
+def write_merged_results(folders: list[Path], tasks: list[str], out: Path) -> None:
+    """The results.jsonl of several runs of disjoint problems (shards, replicas) as one, in task then problem
+    order, written atomically to `out`."""
+    from mathctl.core.io import atomic_write_text
+
+    order = {t: i for i, t in enumerate(tasks)}
+    records: dict[tuple[str, int], dict[str, Any]] = {}
+    for folder in folders:
+        for record in read_results(folder / RESULTS):
+            records[(record["task"], record["index"])] = record
+    merged = sorted(records.values(), key=lambda r: (order.get(r["task"], len(order)), r["index"]))
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in merged))
 
 
 def get_task_names(cfg: EvalConfig) -> list[str]:
