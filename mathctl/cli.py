@@ -490,7 +490,8 @@ def data_prepare(
 
 @app.command("convert-ckpt", help="Convert checkpoints: DCP, FSDP run checkpoints, .pt state dicts and LoRA "
              "adapters to and from Hugging Face folders (sharded safetensors), verified after writing; GGUF files "
-             "(llama.cpp) to dequantised Hugging Face folders.")
+             "(llama.cpp) to dequantised Hugging Face folders. Example: mathctl convert-ckpt "
+             "runs/sft/NAME out/hf --dtype bf16")
 def convert_ckpt(
     src: Path = typer.Argument(..., help="Checkpoint: HF folder, DCP folder, mathctl run or step folder, .pt file, "
                                "LoRA adapter folder, or .gguf file."),
