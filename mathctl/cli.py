@@ -497,17 +497,20 @@ def data_prepare(
 
 
 @app.command("convert-ckpt", help="Convert checkpoints: DCP, FSDP run checkpoints, .pt state dicts and LoRA "
-             "adapters to and from Hugging Face folders (sharded safetensors), verified after writing.")
+             "adapters to and from Hugging Face folders (sharded safetensors), verified after writing; GGUF files "
+             "(llama.cpp) to dequantised Hugging Face folders. Example: mathctl convert-ckpt "
+             "runs/sft/NAME out/hf --dtype bf16")
 def convert_ckpt(
     src: Path = typer.Argument(..., help="Checkpoint: HF folder, DCP folder, mathctl run or step folder, .pt file, "
-                               "or LoRA adapter folder."),
+                               "LoRA adapter folder, or .gguf file."),
     dst: Path = typer.Argument(None, help="Output folder (a new or empty one); not needed with --dry-run."),
-    fmt_from: str = typer.Option(None, "--from", help="hf, dcp, fsdp (a mathctl run), torch (.pt) or lora "
+    fmt_from: str = typer.Option(None, "--from", help="hf, dcp, fsdp (a mathctl run), torch (.pt), lora or gguf "
                                  "[default: detected]."),
     fmt_to: str = typer.Option("hf", "--to", help="hf, dcp or torch."),
     base_model: str = typer.Option(None, "--base-model", help="Hub id or folder with config.json and the tokenizer, "
                                    "when SRC lacks them (and the base of a LoRA adapter)."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (as stored), bf16, fp16 or fp32."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (as stored; float32 for a dequantised GGUF), bf16, fp16 "
+                              "or fp32."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard, e.g. 5GB, 500MB."),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="Write even if tensors the model has are "
                                        "missing from SRC (they are left out)."),
@@ -526,7 +529,19 @@ def convert_ckpt(
     for note in summary["notes"]:
         log(note)
     if dry_run:
-        if not json_out:
+        if not json_out and "gguf" in summary:
+            from rich.table import Table
+
+            gguf = summary["gguf"]
+            table = Table(title=f"{gguf['file']}: architecture {gguf['architecture']}, {len(gguf['tensors'])} tensors")
+            for column in ("tensor", "shape", "type"):
+                table.add_column(column)
+            for row in gguf["tensors"]:
+                table.add_row(row["name"], "x".join(map(str, row["shape"])), row["type"])
+            print_table(table)
+            log(f"writes {summary['tensors']} Hugging Face tensors ({summary['bytes'] / 1e9:.3f} GB); "
+                f"tied: {', '.join(summary['tied']) or 'none'}")
+        elif not json_out:
             from rich.table import Table
 
             table = Table(title=f"{summary['from']} -> {summary['to']}: {summary['tensors']} tensors, "

