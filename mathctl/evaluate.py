@@ -165,6 +165,17 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (95% for z = 1.96): honest for small counts and for
+    proportions near 0 or 1, where the normal approximation gives bounds outside [0, 1]."""
+    if trials <= 0:
+        return 0.0, 1.0
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def majority_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
     """Majority vote: the most frequent non-empty answer wins, ties go to the one reached first."""
     counts: dict[str, int] = {}
@@ -215,6 +226,8 @@ def summarize(records: list[dict[str, Any]], ks: Sequence[int] | None = None) ->
     score = sum(scores) / problems
     out: dict[str, Any] = {"problems": problems, "n": n, "score": score}
     out["accuracy" if n == 1 else f"avg@{n}"] = score
+    if n == 1:  # problems are independent trials: the accuracy's 95% interval over problems
+        out["ci95"] = [round(v, 4) for v in wilson_interval(sum(round(s) for s in scores), problems)]
     out["pass@k"] = {str(k): sum(v) / problems for k, v in passes.items()}
     out["maj@k"] = {str(k): sum(v) / problems for k, v in majs.items()}
     if has_scores:

