@@ -238,6 +238,12 @@ _LOWER_RE = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{2,}")
 # a number with a word label: `270 (classrooms)`, `5 apples`, `20 cm^2`
 _LABEL_RE = re.compile(r"([-+]?\d[\d,]*(?:\.\d+)?)\s*(\(\s*[A-Za-z][A-Za-z .'\-]*\)|[A-Za-z][A-Za-z .'\-]*?)"
                        r"\s*(?:\^\s*\{?\s*[23]\s*\}?)?")
+# A name standing for the answer on the left of `=`: `AB`, `g(t)`, `f(2)`, `V_{1}:V_{2}`, `\\frac{am}{mb}`,
+# `\\angle abc`; no operators or numbers outside its brackets, so `x+1 = 5` and `2x = 6` stay equations.
+_LABEL_ATOM = (r"(?:\\(?:angle|measuredangle|overline|overrightarrow|widehat|hat|bar|vec|triangle) ?\{?)?"
+               r"[A-Za-z]+(?:_\{[A-Za-z0-9]+\}|_[A-Za-z0-9])?'*\}?(?:\([^()=]*\))?")
+_LABEL_LHS_RE = re.compile(rf"{_LABEL_ATOM}(?:[:/]{_LABEL_ATOM})*|\\frac\{{{_LABEL_ATOM}\}}\{{{_LABEL_ATOM}\}}")
+_NAME_RE = re.compile(r"[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?")
 _SHORT_UNITS = frozenset("cm mm km kg mg ft in mi lb oz hr yd ml".split())
 
 
@@ -1389,6 +1395,14 @@ def _scalar_value(s: str) -> tuple:
         return ("bad", s)
 
 
+def _ratio_or_scalar(s: str) -> tuple:
+    if ":" in s and s.count(":") <= 8:
+        terms = [_tree(p) for p in s.split(":")]
+        if all(t is not None for t in terms):
+            return ("ratio", tuple(terms))  # `2:5`, `1:2:3`
+    return _scalar_value(s)
+
+
 def _tree(s: str) -> tuple | None:
     v = _scalar_value(s)
     return v[1] if v[0] == "expr" else None
@@ -1420,13 +1434,17 @@ def _value(s: str, level: int) -> tuple:
         return _matrix(s, level)
     if not _STRUCT.intersection(s) and "(" not in s and "[" not in s and "⟨" not in s and "\\{" not in s:
         if s.count("{") <= MAX_DEPTH:  # plain scalar and too few braces to nest deeper than the limit
-            return _scalar_value(s)
+            return _ratio_or_scalar(s)
     info = _scan(s)
     if info is None:
         return ("bad", s)
     maxd, seps, first_zero = info
     if maxd > MAX_DEPTH:
         return ("bad", "")
+    if ";" in s and "," in s:
+        solutions = _solution_tuples(s, [i for i, ch in seps if ch == ";"], level)
+        if solutions is not None:
+            return solutions
     commas = [i for i, ch in seps if ch in ",;"]
     if commas:
         parts = [p for p in _split_at(s, commas)]
@@ -1446,6 +1464,12 @@ def _value(s: str, level: int) -> tuple:
     if rels:
         parts = _split_at(s, [i for i, _ in rels])
         trees = [_tree(p) for p in parts]
+        if len(parts) == 2 and rels[0][1] == "=" and _LABEL_LHS_RE.fullmatch(parts[0]) and (
+                trees[0] is None or trees[0][0] != "v"):
+            if trees[1] is None:
+                value = _value(parts[1], level + 1)  # `V_1:V_2 = 2:5`: the labelled value
+                return value if value[0] != "bad" else ("bad", s)
+            trees[0] = ("v", "label " + parts[0])  # `g(t) = 4`, `AB = 5`: the label acts as one variable
         if any(t is None for t in trees):
             if len(parts) == 2 and rels[0][1] == "=" and trees[0] is not None and trees[0][0] == "v":
                 return _value(parts[1], level + 1)  # `x = (1, 2)`: the assignment's value
@@ -1483,7 +1507,36 @@ def _value(s: str, level: int) -> tuple:
         if a is None or b is None or s[-1] == "⟩":
             return ("bad", s)
         return ("interval", s[0] == "[", a, b, s[-1] == "]")
-    return _scalar_value(s)
+    return _ratio_or_scalar(s)
+
+
+
+
+def _solution_tuples(s: str, semis: list[int], level: int) -> tuple | None:
+    """`x=1,y=2; x=2,y=1` -> the solutions (1,2), (2,1) as a list of tuples, when every group assigns the
+    same names in the same order; else None."""
+    names = None
+    tuples = []
+    for group in _split_at(s, semis):
+        items = _split_top_level_commas(group)
+        if items is None or len(items) < 2:
+            return None
+        pairs = [item.split("=", 1) for item in items]
+        if any(len(p) != 2 or not _NAME_RE.fullmatch(p[0]) for p in pairs):
+            return None
+        if names is None:
+            names = [p[0] for p in pairs]
+        elif [p[0] for p in pairs] != names:
+            return None
+        tuples.append(("tuple", tuple(_value(p[1], level + 2) for p in pairs)))
+    return ("list", tuple(tuples))
+
+
+def _split_top_level_commas(s: str) -> list[str] | None:
+    info = _scan(s)
+    if info is None:
+        return None
+    return _split_at(s, [i for i, ch in info[1] if ch == ","])
 
 
 def _matrix(s: str, level: int) -> tuple:
@@ -1625,6 +1678,17 @@ def _assigned_name(v: tuple) -> str:
     return str(side[1])
 
 
+def _chain_value(v: tuple) -> tuple | None:
+    """`y = 2+3 = 5` and `4 \\cdot 3 = 12`: the last value of an equality chain, when it is a constant and
+    the chain is more than one equation in variables (3+ parts, or a constant on the left)."""
+    ops, parts = v[1], v[2]
+    if any(op != "=" for op in ops) or _meta(parts[-1])[0]:
+        return None
+    if len(parts) == 2 and _meta(parts[0])[0]:
+        return None
+    return parts[-1]
+
+
 def _rel_to_interval(v: tuple) -> tuple | None:
     norm = _norm_ineq(v)
     if norm is None:
@@ -1678,8 +1742,10 @@ def _rel_vs_rel(p: tuple, g: tuple, o: _Oracle, nested: bool) -> tuple[bool | No
     if len(p[1]) == 1 and not no_vars:
         ap, ag = _assignment(p), _assignment(g)
         if ap is not None and ag is not None and not _meta(ap)[0] and not _meta(ag)[0]:
-            if nested and _assigned_name(p) != _assigned_name(g):
-                return False, "structure"  # in `x=1, y=2` the names matter
+            names = _assigned_name(p), _assigned_name(g)
+            labelled = names[0].startswith("label ") or names[1].startswith("label ")
+            if (nested or labelled) and names[0] != names[1]:
+                return False, "structure"  # in `x=1, y=2` the names matter, and so do labels: `AB=5` != `CD=5`
             return o.scalar(ap, ag)  # a whole answer `x = 5` vs `y = 5`: both just say "5"
         return o.prop(_diff(*p[2]), _diff(*g[2]), False)
     return _all(o.scalar(a, b) for a, b in zip(p[2], g[2]))
@@ -1711,6 +1777,8 @@ def _cmp(p: tuple, g: tuple, o: _Oracle, nested: bool = False) -> tuple[bool | N
             return _rel_vs_rel(p, g, o, nested)
         rel, other = (p, g) if kp == "rel" else (g, p)
         value = _assignment(rel)
+        if value is None:
+            value = _chain_value(rel)  # compared with a value, a chain states its last one
         if value is not None:
             return _cmp(("expr", value), other, o) if kp == "rel" else _cmp(other, ("expr", value), o)
         if other[0] in ("interval", "paren2"):
@@ -1718,6 +1786,10 @@ def _cmp(p: tuple, g: tuple, o: _Oracle, nested: bool = False) -> tuple[bool | N
             if ip is not None and ig is not None:
                 return _cmp_interval(ip, ig, o)
         return False, "structure"
+    if kp == "ratio" or kg == "ratio":  # term by term, as written: `2:5` != `4:10` != `\\frac{2}{5}`
+        if kp != kg or len(p[1]) != len(g[1]):
+            return False, "structure"
+        return _all(o.scalar(x, y) for x, y in zip(p[1], g[1]))
     if kp == "matrix" or kg == "matrix":
         if kp != kg or len(p[1]) != len(g[1]) or len(p[1][0]) != len(g[1][0]):
             return False, "structure"
