@@ -45,6 +45,17 @@ Stages, cheapest first (`reason` names the stage that decided):
      `3`, and `x = 3` == `y = 3` as after normalisation, but inside a list the names must match:
      `x=1,y=2` != `x=2,y=1`); other equations are equal when lhs - rhs of one is a NONZERO CONSTANT
      multiple of the other's (`y = 2x+1` == `2x + 1 = y` == `2y = 4x + 2`);
+   - labels: a name on the left of `=` (`AB`, `g(t)`, `f(2)`, `\frac{AM}{MB}`, `V_1:V_2`, `\angle ABC`: no
+     operator or digit outside its brackets) acts as one variable, so `g(t) = 4` == `4` and
+     `V_1:V_2 = 2:5` == `2:5`, but two different labels differ (`AB = 5` != `CD = 5`) and `x + 1 = 5`,
+     `2x = 6` stay equations;
+   - chains: an `=` chain compared with a value states its last part when that is a constant and the
+     chain has 3+ parts or a constant on the left (`y = 2+3 = 5` == `5`, `4 \cdot 3 = 12` == `12`); two
+     relations are compared whole;
+   - solution sets: `x=1,y=2; x=2,y=1` (groups separated by `;`, each assigning the same names in the
+     same order) is the list of tuples `(1,2), (2,1)`;
+   - ratios `a:b(:c)`: equal to a ratio with the same number of terms, term by term (`2:5` != `4:10`,
+     `2:5` != `\frac{2}{5}`);
    - inequalities: both turned to point `<`/`\le`; same strictness and (rhs - lhs) equal up to a
      POSITIVE constant factor (`x > 2` == `2 < x` == `2x > 4`, `x > 2` != `x \ge 2`); chains
      `a < x < b` compare part by part.
