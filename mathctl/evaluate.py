@@ -165,18 +165,48 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def majority_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
-    """Majority vote: the most frequent non-empty answer wins, ties go to the one reached first."""
-    counts: dict[str, int] = {}
-    first: dict[str, int] = {}
-    for i, answer in enumerate(answers):
-        if answer is None or answer == "":
+def answer_classes(answers: Sequence[str | None], correct: Sequence[bool], *,
+                   timeout_s: float = 1.0) -> list[int | None]:
+    """Vote classes for maj@k, by the grader's equivalence rather than by spelling (`1/2` and `0.5` are one
+    vote). Correct answers all equal the gold, so they form class 0; wrong ones share a class when the
+    grader finds them equivalent (transitively). None marks a sample without an answer."""
+    wrong = list(dict.fromkeys(a for a, ok in zip(answers, correct) if a and not ok))
+    parent = list(range(len(wrong)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    if len(wrong) > 1:
+        from mathctl.grading import equivalent_many
+
+        pairs = [(i, j) for i in range(len(wrong)) for j in range(i + 1, len(wrong))]
+        verdicts = equivalent_many([(wrong[i], wrong[j]) for i, j in pairs], timeout_s=timeout_s)
+        for (i, j), (same, _) in zip(pairs, verdicts):
+            if same:
+                parent[root(j)] = root(i)
+    index = {a: i for i, a in enumerate(wrong)}
+    return [None if not a else 0 if ok else 1 + root(index[a]) for a, ok in zip(answers, correct)]
+
+
+def majority_correct(answers: Sequence[str | None], correct: Sequence[bool],
+                     classes: Sequence[int | None] | None = None) -> bool:
+    """Majority vote over answer classes (`answer_classes`; computed here when not given): the largest class
+    wins, ties go to the class reached first."""
+    if classes is None:
+        classes = answer_classes(answers, correct)
+    counts: dict[int, int] = {}
+    first: dict[int, int] = {}
+    for i, cls in enumerate(classes):
+        if cls is None:
             continue
-        counts[answer] = counts.get(answer, 0) + 1
-        first.setdefault(answer, i)
+        counts[cls] = counts.get(cls, 0) + 1
+        first.setdefault(cls, i)
     if not counts:
         return False
-    winner = max(counts, key=lambda a: (counts[a], -first[a]))
+    winner = max(counts, key=lambda c: (counts[c], -first[c]))
     return bool(correct[first[winner]])
 
 
@@ -202,9 +232,10 @@ def summarize(records: list[dict[str, Any]], ks: Sequence[int] | None = None) ->
         c = sum(correct)
         scores.append(c / n)
         answers = [s.get("normalized") for s in samples]
+        classes = answer_classes(answers, correct)
         for k in ks:
             passes[k].append(pass_at_k(n, c, k))
-            majs[k].append(majority_correct(answers[:k], correct[:k]))
+            majs[k].append(majority_correct(answers[:k], correct[:k], classes[:k]))
             if has_scores:
                 bons[k].append(best_of_correct([s["score"] for s in samples[:k]], correct[:k]))
         tokens += sum(int(s.get("num_tokens", 0)) for s in samples)

@@ -37,6 +37,10 @@ NO_BOX = [
     ("Counting again we get 30 + 12 = 43 apples in total", "42", False),
     ("**Answer:** $\\sqrt{5}$", "\\sqrt{5}", True),
     ("**Answer:** $\\sqrt{6}$", "\\sqrt{5}", False),
+    ("Thus the value of $x$ is 5.", "5", True),  # `$x$` names the unknown; the number is the answer
+    ("Thus the value of $x$ is 6.", "5", False),
+    ("We get 5. The answer is ", "5", False),  # truncated right before the answer: no answer
+    ("The last step gives \\boxed{5", "5", False),  # a box that never closes
 ]
 
 # --- relations and inequalities in any spelling ---------------------------------------------------------
@@ -77,6 +81,9 @@ LABELLED = [
     ("\\boxed{f(2) = -1}", "-1", True),
     ("\\boxed{AB = 2\\sqrt{3}}", "2\\sqrt{3}", True),
     ("\\boxed{AB = 3\\sqrt{2}}", "2\\sqrt{3}", False),
+    ("\\boxed{CD = 5}", "AB = 5", False),  # a different label is a different quantity
+    ("\\boxed{x + 1 = 5}", "5", False),  # an equation, not a label: its answer is x = 4
+    ("\\boxed{2x = 6}", "6", False),
 ]
 
 # --- several boxed answers as one set against the gold's list -----------------------------------------
