@@ -73,6 +73,16 @@ class EvalSection(TaskSettings):
         None, ge=1, description="Problems per engine call, appended to results.jsonl together (the resume "
         "granularity); default: 1024 with vllm (it schedules large batches itself), else max(64, engine.batch_size).")
     grading_timeout_s: float = Field(1.0, gt=0, description="Time limit of one symbolic equivalence check.")
+    grader: Literal["mathctl", "math-verify"] = Field(
+        "mathctl", description="Who decides correctness: mathctl's grader, or math-verify (an optional "
+        "dependency: pip install math-verify) to reproduce numbers reported with it. Recorded in summary.json.")
+
+    @field_validator("grader")
+    @classmethod
+    def _grader_installed(cls, value: str) -> str:
+        from mathctl.grading.graders import check_grader_installed
+
+        return check_grader_installed(value)
     prm: str | None = Field(None, description="A reward model (a `mathctl rm` final/) that scores every sample: "
                             "adds `score` and best-of-k `bon@k`.")
     prm_aggregate: Literal["last", "min"] = Field(
@@ -341,7 +351,10 @@ def run(cfg: EvalConfig, run_dir: RunDir, *, engine: Any = None, problems: dict[
     `scorer` adds a `score` to every sample, and with it the best-of-k metric `bon@k`."""
     from mathctl.core.console import log, progress
     from mathctl.engines import make_engine
-    from mathctl.grading import grade_batch, shutdown_workers
+    from mathctl.grading import shutdown_workers
+    from mathctl.grading.graders import grade_with, require_grader
+
+    require_grader(cfg.eval.grader)  # before any model is loaded
 
     problems = problems if problems is not None else load_tasks(cfg)
     if engine is None and cfg.engine.data_parallel_size > 1:
@@ -385,7 +398,7 @@ def run(cfg: EvalConfig, run_dir: RunDir, *, engine: Any = None, problems: dict[
                     outputs = engine.generate(prompts, sampling, prompt_seeds=[problem_seed(name, p.index) for p in chunk])
                     texts = [s.text for samples in outputs for s in samples]
                     golds = [p.gold for p in chunk for _ in range(sampling.n)]
-                    grades = grade_batch(texts, golds, timeout_s=cfg.eval.grading_timeout_s)
+                    grades = grade_with(cfg.eval.grader, texts, golds, timeout_s=cfg.eval.grading_timeout_s)
                     scores = scorer(prompts, outputs) if scorer is not None else None
                     per_problem = (time.perf_counter() - began) / len(chunk)
                     flat = iter(grades)
@@ -426,6 +439,7 @@ def write_summary(cfg: EvalConfig, run_dir: RunDir, tasks: list[str], *, prompt_
                   shards: list[str] | None = None, replicas: list[str] | None = None) -> dict[str, Any]:
     """Score every task from results.jsonl, write summary.json, mark the run completed."""
     from mathctl.benchmarks import get_benchmark
+    from mathctl.grading.graders import grader_version
 
     records = read_results(run_dir.path / RESULTS)
     by_task: dict[str, list[dict[str, Any]]] = {t: [] for t in tasks}
@@ -443,7 +457,8 @@ def write_summary(cfg: EvalConfig, run_dir: RunDir, tasks: list[str], *, prompt_
     summary: dict[str, Any] = {
         "status": "completed", "model": cfg.model.path, "run_dir": str(run_dir.path), "backend": backend,
         "prompt_format": prompt_format, "chat_template_digest": chat_template_digest,
-        "shard": cfg.eval.shard, "tasks": out_tasks,
+        "shard": cfg.eval.shard, "grader": {"name": cfg.eval.grader, "version": grader_version(cfg.eval.grader)},
+        "tasks": out_tasks,
         "score": {name: entry["score"] for name, entry in out_tasks.items()},
     }
     if shards:
