@@ -35,7 +35,7 @@ from pydantic import Field, field_validator
 
 from mathctl.core.config import Strict
 from mathctl.core.errors import ConfigError
-from mathctl.grading.extract import extract_boxed_all
+from mathctl.grading.extract import extract_answer, extract_boxed_all
 from mathctl.grading.grade import Gold, grade_batch
 
 RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[Gold]], list[float]]
@@ -49,6 +49,12 @@ def correctness(prompts: Sequence[str], completions: Sequence[str], golds: Seque
 
         return [1.0 if g.correct else 0.0 for g in grade_with(grader, completions, golds, timeout_s=timeout_s)]
     return [1.0 if g.correct else 0.0 for g in grade_batch(completions, golds, timeout_s=timeout_s)]
+
+
+def no_answer_count(completions: Sequence[str]) -> int:
+    """Completions in which mathctl's extraction finds no answer (GRPO logs the fraction per step: a reward
+    that never sees an answer cannot teach one)."""
+    return sum(1 for text in completions if extract_answer(text) is None)
 
 
 def boxed_format(prompts: Sequence[str], completions: Sequence[str], golds: Sequence[Gold]) -> list[float]:
