@@ -1,9 +1,11 @@
 """`grade(response, gold) -> Grade`: extraction, normalisation and equivalence in one call.
 
 The one place eval metrics and GRPO rewards get their verdicts from, so the two cannot drift apart.
-Gold answers are normalised but never "extracted" (they are answers already); a gold given as a
-list (MATH has a few rows with several accepted answers) is matched if any entry matches. Numbers
-are accepted as gold (AIME files store ints, AMC floats).
+Gold answers are read in their benchmark's form (`gold_answer`): a bare answer is used as is, a gold that
+holds boxes or a GSM8K `####` line gives that answer, JSON-doubled backslashes are halved, and a list (or a
+string holding a JSON list) gives alternatives, any of which may match. Numbers are accepted as gold (AIME
+files store ints, AMC floats). Gold-first: when the gold is a list and the response boxes several answers,
+the boxes together are a second candidate (`box_set`).
 
 Batch grading resolves the cheap stages in this process and sends only symbolic comparisons to a
 pool of worker processes, each under a wall-clock limit (see equivalence.py).
