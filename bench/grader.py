@@ -9,8 +9,13 @@ the hand-written table in tests/unit/test_grading_equivalence.py (symbolic and s
 the response text and the gold; math-verify parses the gold wrapped in `$\\boxed{...}$`, as NeMo RL
 and TRL call it.
 
+The answer forms of tests/unit/test_grading_forms.py (prose answers, several boxes, labelled answers,
+odd golds, with their near misses) are added whole, one category each.
+
 Prints cases/s of each (wall clock, one process for math-verify; mathctl with its default worker
-pool and with `workers=0`), their agreement, and every disagreement with what the case expects.
+pool and with `workers=0`), the whole-process time of each (a fresh interpreter grading every case:
+imports and worker start-up included), their agreement, the share each gets right per category
+(benchmark cases by kind, forms by category), and every disagreement with what the case expects.
 
     pip install math-verify            # only for this benchmark
     python bench/grader.py             # about a minute
@@ -23,6 +28,7 @@ import argparse
 import json
 import random
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,6 +65,13 @@ def build_cases(per_benchmark: int, seed: int) -> list[dict]:
             cases.append({"benchmark": "table", "gold": gold, "answer": pred, "expect": expect, "kind": "table"})
     for case in cases:
         case["response"] = f"Working through it step by step, so the answer is $\\boxed{{{case['answer']}}}$."
+    # the answer forms of tests/unit/test_grading_forms.py: whole responses (prose, several boxes, ...)
+    from test_grading_forms import CATEGORIES
+
+    for category, rows in CATEGORIES.items():
+        for response, gold, expect in rows:
+            cases.append({"benchmark": f"forms/{category}", "gold": gold, "answer": response, "expect": expect,
+                          "kind": "forms", "response": response})
     return cases
 
 
@@ -87,13 +100,39 @@ def run_math_verify(cases: list[dict]) -> tuple[list[bool], float]:
     verdicts = []
     start = time.perf_counter()
     for case in cases:
-        try:
-            gold = parse(f"$\\boxed{{{case['gold']}}}$")
-            answer = parse(case["response"])
-            verdicts.append(bool(verify(gold, answer)))
-        except Exception:  # math-verify raises on some inputs; count as not equal
-            verdicts.append(False)
+        golds = case["gold"] if isinstance(case["gold"], list) else [case["gold"]]
+        ok = False
+        for gold in golds:  # a list of accepted answers: any one
+            try:
+                ok = bool(verify(parse(f"$\\boxed{{{gold}}}$"), parse(case["response"])))
+            except Exception:  # math-verify raises on some inputs; count as not equal
+                ok = False
+            if ok:
+                break
+        verdicts.append(ok)
     return verdicts, time.perf_counter() - start
+
+
+def whole_process_s(grader: str, args: argparse.Namespace) -> float:
+    """Wall time of a fresh `python bench/grader.py --only GRADER` over the same cases: interpreter start,
+    imports, sympy workers and grading, as a user running one grader would pay."""
+    cmd = [sys.executable, __file__, "--only", grader, "--per-benchmark", str(args.per_benchmark),
+           "--seed", str(args.seed)]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def per_category(cases: list[dict], ours: list[bool], theirs: list[bool]) -> list[dict]:
+    rows = {}
+    for c, a, b in zip(cases, ours, theirs):
+        key = c["benchmark"] if c["kind"] == "forms" else c["kind"]
+        r = rows.setdefault(key, {"category": key, "cases": 0, "mathctl_right": 0, "math_verify_right": 0, "agree": 0})
+        r["cases"] += 1
+        r["mathctl_right"] += a == c["expect"]
+        r["math_verify_right"] += b == c["expect"]
+        r["agree"] += a == b
+    return list(rows.values())
 
 
 def main() -> int:
@@ -102,7 +141,13 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="one JSON line instead of the report")
     parser.add_argument("--max-listed", type=int, default=60, help="disagreements printed")
+    parser.add_argument("--only", choices=("mathctl", "math-verify"), help="grade with one grader and exit "
+                        "(what the whole-process timing runs)")
     args = parser.parse_args()
+    if args.only:
+        cases = build_cases(args.per_benchmark, args.seed)
+        (run_math_verify(cases) if args.only == "math-verify" else run_mathctl(cases, workers=None))
+        return 0
     try:
         import math_verify  # noqa: F401
     except ImportError:
@@ -112,7 +157,9 @@ def main() -> int:
     ours, ours_s = run_mathctl(cases, workers=None)
     ours_serial, ours_serial_s = run_mathctl(cases, workers=0)
     theirs, theirs_s = run_math_verify(cases)
+    ours_process_s, theirs_process_s = whole_process_s("mathctl", args), whole_process_s("math-verify", args)
     n = len(cases)
+    realistic = [i for i, c in enumerate(cases) if c["kind"] != "forms"]
     agree = sum(a == b for a, b in zip(ours, theirs))
     disagreements = [
         {**{k: c[k] for k in ("benchmark", "kind", "gold", "answer", "expect")}, "mathctl": a, "math_verify": b}
@@ -128,6 +175,11 @@ def main() -> int:
         "math_verify_right": sum(b == c["expect"] for c, b in zip(cases, theirs)) / n,
         "disagreements": len(disagreements),
         "one_process_consistent": ours == ours_serial,
+        "mathctl_whole_process_s": ours_process_s, "math_verify_whole_process_s": theirs_process_s,
+        "speedup_whole_process": theirs_process_s / ours_process_s,
+        "mathctl_right_realistic": sum(ours[i] == cases[i]["expect"] for i in realistic) / max(1, len(realistic)),
+        "math_verify_right_realistic": sum(theirs[i] == cases[i]["expect"] for i in realistic) / max(1, len(realistic)),
+        "per_category": per_category(cases, ours, theirs),
     }
     if args.json:
         print(json.dumps(result))
@@ -140,6 +192,14 @@ def main() -> int:
     print(f"speedup {result['speedup']:.1f}x (one process {result['speedup_one_process']:.1f}x); "
           f"agreement {result['agreement']:.4f}; right per the case's expectation: mathctl "
           f"{result['mathctl_right']:.4f}, math-verify {result['math_verify_right']:.4f}")
+    print(f"whole process: mathctl {ours_process_s:.1f} s, math-verify {theirs_process_s:.1f} s "
+          f"-> {result['speedup_whole_process']:.1f}x; right on the realistic cases (benchmarks + table): "
+          f"mathctl {result['mathctl_right_realistic']:.4f}, math-verify {result['math_verify_right_realistic']:.4f}")
+    print(f"\n{'category':<24}{'cases':>6}{'mathctl':>9}{'math-verify':>12}{'agree':>7}")
+    for r in result["per_category"]:
+        k = r["cases"]
+        print(f"{r['category']:<24}{k:>6}{r['mathctl_right'] / k:>9.3f}{r['math_verify_right'] / k:>12.3f}"
+              f"{r['agree'] / k:>7.3f}")
     if disagreements:
         print(f"\n{len(disagreements)} disagreements (expect = what the case should grade as):")
         for d in disagreements[: args.max_listed]:

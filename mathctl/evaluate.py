@@ -73,6 +73,16 @@ class EvalSection(TaskSettings):
         None, ge=1, description="Problems per engine call, appended to results.jsonl together (the resume "
         "granularity); default: 1024 with vllm (it schedules large batches itself), else max(64, engine.batch_size).")
     grading_timeout_s: float = Field(1.0, gt=0, description="Time limit of one symbolic equivalence check.")
+    grader: Literal["mathctl", "math-verify"] = Field(
+        "mathctl", description="Who decides correctness: mathctl's grader, or math-verify (an optional "
+        "dependency: pip install math-verify) to reproduce numbers reported with it. Recorded in summary.json.")
+
+    @field_validator("grader")
+    @classmethod
+    def _grader_installed(cls, value: str) -> str:
+        from mathctl.grading.graders import check_grader_installed
+
+        return check_grader_installed(value)
     prm: str | None = Field(None, description="A reward model (a `mathctl rm` final/) that scores every sample: "
                             "adds `score` and best-of-k `bon@k`.")
     prm_aggregate: Literal["last", "min"] = Field(
@@ -176,18 +186,48 @@ def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def majority_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
-    """Majority vote: the most frequent non-empty answer wins, ties go to the one reached first."""
-    counts: dict[str, int] = {}
-    first: dict[str, int] = {}
-    for i, answer in enumerate(answers):
-        if answer is None or answer == "":
+def answer_classes(answers: Sequence[str | None], correct: Sequence[bool], *,
+                   timeout_s: float = 1.0) -> list[int | None]:
+    """Vote classes for maj@k, by the grader's equivalence rather than by spelling (`1/2` and `0.5` are one
+    vote). Correct answers all equal the gold, so they form class 0; wrong ones share a class when the
+    grader finds them equivalent (transitively). None marks a sample without an answer."""
+    wrong = list(dict.fromkeys(a for a, ok in zip(answers, correct) if a and not ok))
+    parent = list(range(len(wrong)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    if len(wrong) > 1:
+        from mathctl.grading import equivalent_many
+
+        pairs = [(i, j) for i in range(len(wrong)) for j in range(i + 1, len(wrong))]
+        verdicts = equivalent_many([(wrong[i], wrong[j]) for i, j in pairs], timeout_s=timeout_s)
+        for (i, j), (same, _) in zip(pairs, verdicts):
+            if same:
+                parent[root(j)] = root(i)
+    index = {a: i for i, a in enumerate(wrong)}
+    return [None if not a else 0 if ok else 1 + root(index[a]) for a, ok in zip(answers, correct)]
+
+
+def majority_correct(answers: Sequence[str | None], correct: Sequence[bool],
+                     classes: Sequence[int | None] | None = None) -> bool:
+    """Majority vote over answer classes (`answer_classes`; computed here when not given): the largest class
+    wins, ties go to the class reached first."""
+    if classes is None:
+        classes = answer_classes(answers, correct)
+    counts: dict[int, int] = {}
+    first: dict[int, int] = {}
+    for i, cls in enumerate(classes):
+        if cls is None:
             continue
-        counts[answer] = counts.get(answer, 0) + 1
-        first.setdefault(answer, i)
+        counts[cls] = counts.get(cls, 0) + 1
+        first.setdefault(cls, i)
     if not counts:
         return False
-    winner = max(counts, key=lambda a: (counts[a], -first[a]))
+    winner = max(counts, key=lambda c: (counts[c], -first[c]))
     return bool(correct[first[winner]])
 
 
@@ -213,9 +253,10 @@ def summarize(records: list[dict[str, Any]], ks: Sequence[int] | None = None) ->
         c = sum(correct)
         scores.append(c / n)
         answers = [s.get("normalized") for s in samples]
+        classes = answer_classes(answers, correct)
         for k in ks:
             passes[k].append(pass_at_k(n, c, k))
-            majs[k].append(majority_correct(answers[:k], correct[:k]))
+            majs[k].append(majority_correct(answers[:k], correct[:k], classes[:k]))
             if has_scores:
                 bons[k].append(best_of_correct([s["score"] for s in samples[:k]], correct[:k]))
         tokens += sum(int(s.get("num_tokens", 0)) for s in samples)
@@ -323,7 +364,10 @@ def run(cfg: EvalConfig, run_dir: RunDir, *, engine: Any = None, problems: dict[
     `scorer` adds a `score` to every sample, and with it the best-of-k metric `bon@k`."""
     from mathctl.core.console import log, progress
     from mathctl.engines import make_engine
-    from mathctl.grading import grade_batch, shutdown_workers
+    from mathctl.grading import shutdown_workers
+    from mathctl.grading.graders import grade_with, require_grader
+
+    require_grader(cfg.eval.grader)  # before any model is loaded
 
     problems = problems if problems is not None else load_tasks(cfg)
     if engine is None and cfg.engine.data_parallel_size > 1:
@@ -367,7 +411,7 @@ def run(cfg: EvalConfig, run_dir: RunDir, *, engine: Any = None, problems: dict[
                     outputs = engine.generate(prompts, sampling, prompt_seeds=[problem_seed(name, p.index) for p in chunk])
                     texts = [s.text for samples in outputs for s in samples]
                     golds = [p.gold for p in chunk for _ in range(sampling.n)]
-                    grades = grade_batch(texts, golds, timeout_s=cfg.eval.grading_timeout_s)
+                    grades = grade_with(cfg.eval.grader, texts, golds, timeout_s=cfg.eval.grading_timeout_s)
                     scores = scorer(prompts, outputs) if scorer is not None else None
                     per_problem = (time.perf_counter() - began) / len(chunk)
                     flat = iter(grades)
@@ -408,6 +452,7 @@ def write_summary(cfg: EvalConfig, run_dir: RunDir, tasks: list[str], *, prompt_
                   shards: list[str] | None = None, replicas: list[str] | None = None) -> dict[str, Any]:
     """Score every task from results.jsonl, write summary.json, mark the run completed."""
     from mathctl.benchmarks import get_benchmark
+    from mathctl.grading.graders import grader_version
 
     records = read_results(run_dir.path / RESULTS)
     by_task: dict[str, list[dict[str, Any]]] = {t: [] for t in tasks}
@@ -425,7 +470,8 @@ def write_summary(cfg: EvalConfig, run_dir: RunDir, tasks: list[str], *, prompt_
     summary: dict[str, Any] = {
         "status": "completed", "model": cfg.model.path, "run_dir": str(run_dir.path), "backend": backend,
         "prompt_format": prompt_format, "chat_template_digest": chat_template_digest,
-        "shard": cfg.eval.shard, "tasks": out_tasks,
+        "shard": cfg.eval.shard, "grader": {"name": cfg.eval.grader, "version": grader_version(cfg.eval.grader)},
+        "tasks": out_tasks,
         "score": {name: entry["score"] for name, entry in out_tasks.items()},
     }
     if shards:

@@ -77,7 +77,7 @@ from mathctl.core.config import (
 from mathctl.core.console import console, log, progress
 from mathctl.core.errors import DataError, EngineError
 from mathctl.core.rundir import RunDir
-from mathctl.rewards import RewardsConfig
+from mathctl.rewards import RewardsConfig, no_answer_count
 from mathctl.rows import SyntheticData
 
 ADV_EPS = 1e-4
@@ -790,17 +790,19 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
                     local_stats["entropy"], local_stats["loss"],
                     sum(per_fn["correctness"]) if "correctness" in per_fn else 0.0,
                     meter.weight_sum, meter.weight_count, meter.hits,
+                    no_answer_count([it["text"] for it in items]),
                 ])
                 count, r_sum, r_sq = sums[0], sums[1], sums[2]
                 fn_sums = sums[3:3 + len(reward_names)]
                 (len_sum, trunc, zero_groups, active_n, tok, active_tok, clipped, kl, entropy, loss_sum, correct,
-                 weight_sum, weight_count, weight_hits) = sums[3 + len(reward_names):]
+                 weight_sum, weight_count, weight_hits, no_answer) = sums[3 + len(reward_names):]
                 weight_max, neg_weight_min = _all_reduce_max(dist, [meter.weight_max, -meter.weight_min])
                 mean = r_sum / count
                 record.update({
                     "reward": mean, "reward_std": math.sqrt(max(r_sq / count - mean * mean, 0.0)),
                     **{f"reward/{name}": s / count for name, s in zip(reward_names, fn_sums)},
                     "completion_len": len_sum / count, "truncated_frac": trunc / count,
+                    "no_answer_frac": no_answer / count,  # completions the grader finds no answer in
                     "zero_std_groups_frac": zero_groups / (count / g.group_size), "active_frac": active_n / count,
                     "clip_frac": clipped / max(active_tok, 1), "loss": loss_sum / g.mini_batches,
                     "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,

@@ -29,12 +29,13 @@ import math
 import operator
 import re
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 from pydantic import Field, field_validator
 
 from mathctl.core.config import Strict
 from mathctl.core.errors import ConfigError
-from mathctl.grading.extract import extract_boxed_all
+from mathctl.grading.extract import extract_answer, extract_boxed_all
 from mathctl.grading.grade import Gold, grade_batch
 
 RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[Gold]], list[float]]
@@ -42,8 +43,18 @@ RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[Gold]], list[float]]
 
 # --- correctness and format -----------------------------------------------------------------
 def correctness(prompts: Sequence[str], completions: Sequence[str], golds: Sequence[Gold], *,
-                timeout_s: float = 1.0) -> list[float]:
+                timeout_s: float = 1.0, grader: str = "mathctl") -> list[float]:
+    if grader != "mathctl":
+        from mathctl.grading.graders import grade_with
+
+        return [1.0 if g.correct else 0.0 for g in grade_with(grader, completions, golds, timeout_s=timeout_s)]
     return [1.0 if g.correct else 0.0 for g in grade_batch(completions, golds, timeout_s=timeout_s)]
+
+
+def no_answer_count(completions: Sequence[str]) -> int:
+    """Completions in which mathctl's extraction finds no answer (GRPO logs the fraction per step: a reward
+    that never sees an answer cannot teach one)."""
+    return sum(1 for text in completions if extract_answer(text) is None)
 
 
 def boxed_format(prompts: Sequence[str], completions: Sequence[str], golds: Sequence[Gold]) -> list[float]:
@@ -188,6 +199,16 @@ class RewardsConfig(Strict):
     weights: dict[str, float] = Field(default_factory=lambda: {"correctness": 1.0},
                                       description="Reward name -> weight; the total is the weighted sum.")
     timeout_s: float = Field(1.0, gt=0, description="Time limit of each symbolic equivalence check (correctness).")
+    grader: Literal["mathctl", "math-verify"] = Field(
+        "mathctl", description="Who decides `correctness`: mathctl's grader, or math-verify (an optional "
+        "dependency: pip install math-verify) to reproduce peers' reward setups.")
+
+    @field_validator("grader")
+    @classmethod
+    def _grader_installed(cls, value: str) -> str:
+        from mathctl.grading.graders import check_grader_installed
+
+        return check_grader_installed(value)
     length_soft_chars: int = Field(4000, ge=1, description="length_penalty: no penalty up to this many characters.")
     length_hard_chars: int = Field(8000, ge=2, description="length_penalty: -1 at and beyond this many characters.")
 
@@ -212,7 +233,8 @@ class RewardsConfig(Strict):
             if name == LENGTH_PENALTY:
                 per_function[name] = length_penalty(completions, self.length_soft_chars, self.length_hard_chars)
             elif name == "correctness":
-                per_function[name] = correctness(prompts, completions, golds, timeout_s=self.timeout_s)
+                per_function[name] = correctness(prompts, completions, golds, timeout_s=self.timeout_s,
+                                                 grader=self.grader)
             else:
                 values = [float(v) for v in get_reward(name)(prompts, completions, golds)]
                 if len(values) != len(completions):

@@ -34,10 +34,21 @@ Rules, in priority order. The first rule that finds something decides; later rul
    two or more letters outside LaTeX command names (`\\frac` is not a word, `Yes` is), has a letter or
    digit, does not end with `?` or `:` and contains no `\\boxed`. `(C)` alone gives `C`.
 
+Rules 8-10 read prose, and only run when the response has words, does not end with `?`, and has neither
+a `\\boxed` that never closed nor an answer marker with nothing after it (a truncated response's answer is
+missing, not somewhere else):
+
+8. "the result is X" (last one), X taken as in rule 4.
+9. The last display or inline math span (`\\[...\\]`, `$$...$$` over several lines, `$...$`, `\\(...\\)`)
+   or the last Markdown bold span holding a digit (`**42**`), whichever ends later. A math span that only
+   names a variable (`$x$`, `$f(x)$`: no digit and at most 4 characters besides command names) is skipped.
+10. The last number in the text (`42`, `-3`, `1,250`, `0.75`, `3/4`).
+
 Otherwise None (also for non-strings and empty text).
 
 Not covered, on purpose or for now:
-- Answers stated only in prose ("so x must be five", "It's 42, I think.") beyond the markers above.
+- Numbers written as words ("so x must be five"); rule 10 reads "It's 42, I think." as 42, and any
+  number a rambling response ends with as its answer.
 - Choice letters outside A-E, lower-case letters, or choices stated any other way ("I pick B").
 - "The answer is X" where X spans several sentences or lines (only the first sentence is taken), or is a
   list written with sentence periods.
@@ -86,6 +97,15 @@ _MC_PHRASE_RE = re.compile(
 _SENTENCE_TOKEN_RE = re.compile(r"\\.|\$|[.。](?=\s|$)", re.S)
 _NONSPACE_RE = re.compile(r"\S")
 _WORD_RE = re.compile(r"\\[A-Za-z]+|[A-Za-z]{2,}")
+# Math delimiters: a LaTeX line break and an escaped dollar are tokens only so that they are skipped.
+_MATH_TOKEN_RE = re.compile(r"\\\\|\\\$|\\[()\[\]]|\$\$|\$")
+_MATH_CLOSER = {"$$": "$$", "$": "$", "\\(": "\\)", "\\[": "\\]"}
+_COMMAND_NAME_RE = re.compile(r"\\[A-Za-z]+|\s")
+_BOLD_RE = re.compile(r"\*\*([^*\n]{1,200})\*\*")
+# A number in prose: `42`, `-3`, `1,250`, `0.75`, `3/4`.
+_NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
+# "the result is X": an answer statement weaker than "answer", used when no answer marker is found.
+_RESULT_MARKER_RE = re.compile(r"(?i:\bresult[ \t]+is\b[ \t]*:?)")
 _BARE_MAX_CHARS = 60
 _BARE_MAX_WORDS = 3
 # How far a display block (`$$ ... $$`) after an answer marker may extend.
@@ -273,6 +293,17 @@ def _from_statement(text: str) -> str | None:
     return _choice_letter(ans) or ans
 
 
+def _from_result_statement(text: str) -> str | None:
+    if "result" not in text.lower():
+        return None
+    last = None
+    for last in _RESULT_MARKER_RE.finditer(text):  # noqa: B007 - we want the last match
+        pass
+    if last is None:
+        return None
+    return _strip_wrappers(_statement_after(text, last.end())) or None
+
+
 def _from_choice_phrase(text: str) -> str | None:
     lower = text.lower()
     if "option" not in lower and "choice" not in lower and "answer" not in lower:
@@ -312,11 +343,61 @@ def _from_bare(text: str) -> str | None:
         return None
     if ans.endswith(("?", ":")) or "\\boxed" in ans or "\\fbox" in ans or not any(c.isalnum() for c in ans):
         return None
+    math_at = min((i for i in (ans.find("$"), ans.find("\\(")) if i >= 0), default=-1)
+    if math_at > 0 and _WORD_RE.search(ans, 0, math_at):
+        return None  # prose around math ("so $x = 12$"): the math span rule takes the math
     words = sum(1 for w in _WORD_RE.findall(ans) if not w.startswith("\\"))
     if words > _BARE_MAX_WORDS:
         return None
     m = re.fullmatch(r"\(([A-E])\)", ans)
     return m.group(1) if m else ans
+
+
+def _math_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of the contents of every closed `$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]`, in order.
+    One pass over the delimiter tokens; `\\$` and `\\\\` are skipped, a span never holds another."""
+    spans = []
+    closer, start = None, 0
+    for m in _MATH_TOKEN_RE.finditer(text):
+        tok = m.group()
+        if tok in ("\\\\", "\\$"):
+            continue
+        if closer is None:
+            if tok in _MATH_CLOSER:
+                closer, start = _MATH_CLOSER[tok], m.end()
+        elif tok == closer:
+            spans.append((start, m.start()))
+            closer = None
+    return spans
+
+
+def _from_math_or_bold(text: str) -> str | None:
+    """The last display or inline math span, or the last Markdown bold span holding a number, whichever
+    ends later. A span naming a variable (`$x$`, `$f(x)$`: no digit, at most 4 characters after removing
+    command names) is a mention, not an answer, and is skipped."""
+    best_end, best = -1, None
+    if "$" in text or "\\(" in text or "\\[" in text:
+        for start, end in reversed(_math_spans(text)):
+            inner = _strip_wrappers(text[start:end])
+            if inner and (any(c.isdigit() for c in inner) or len(_COMMAND_NAME_RE.sub("", inner)) > 4):
+                best_end, best = end, inner
+                break
+    if "**" in text:
+        for m in reversed(list(_BOLD_RE.finditer(text))):
+            if m.end() <= best_end:
+                break
+            inner = _strip_wrappers(m.group(1))
+            if inner and any(c.isdigit() for c in inner) and not inner.endswith(":"):
+                best_end, best = m.end(), inner
+                break
+    return best
+
+
+def _from_last_number(text: str) -> str | None:
+    last = None
+    for last in _NUMBER_RE.finditer(text):  # noqa: B007 - we want the last match
+        pass
+    return last.group().rstrip(".") if last is not None else None
 
 
 def _extract(text: str) -> str | None:
@@ -328,7 +409,22 @@ def _extract(text: str) -> str | None:
         ans = rule(text)
         if ans:
             return ans
+    if not _may_guess(text):
+        return None
+    for rule in (_from_result_statement, _from_math_or_bold, _from_last_number):
+        ans = rule(text)
+        if ans:
+            return ans
     return None
+
+
+def _may_guess(text: str) -> bool:
+    """Whether the prose rules (8-10) may look at `text`: not when it has a box that never closed or an
+    answer marker with nothing after it (a truncated response: its answer is missing, not elsewhere), not
+    when it ends in a question, and only when it has words (bare lines of numbers are ambiguous)."""
+    if _BOX_RE.search(text) or _ANSWER_MARKER_RE.search(text):
+        return False
+    return not text.rstrip().endswith("?") and _WORD_RE.search(text) is not None
 
 
 def extract_answer(text: str) -> str | None:

@@ -40,7 +40,8 @@ Policies, in the order they are applied:
 - Percent: `\\%` and `%` are dropped, so `50\\%` == `50`. This stage does NOT make `0.5` equal to `50\\%`
   (they normalise to `0.5` and `50`); whether a fraction may match a percentage is for the equivalence
   stage to decide.
-- Currency: `\\$` (and `\\textdollar`) is dropped: `\\$5` == `5`; the words dollars/cents/... are units.
+- Currency: `\\$` (and `\\textdollar`), `€`, `£`, `¥`, `₹` are dropped: `\\$5` == `5` == `5 €`; the words
+  dollars/cents/... are units. A metric unit with a Unicode power after a number (`12 m²`, `3 cm³`) is dropped.
 - Words joining answers, `\\text{ and }`, `\\text{ or }` and plain " and " / " or ", become a comma:
   `19 \\text{ and } 43` == `19, 43` (both `19,43`), `x=1 \\text{ or } x=2` -> `1,2`.
 - Units. (a) Trailing `\\text{..}`/`\\mbox{..}`/`\\mathrm{..}` groups after a quantity (math ending in a
@@ -132,7 +133,11 @@ _UNICODE = str.maketrans({
     "\u2205": "\\emptyset ", "\u00b0": "", "\u00b2": "^{2}", "\u00b3": "^{3}", "\u00bd": "\\frac{1}{2}",
     "\u00bc": "\\frac{1}{4}", "\u00be": "\\frac{3}{4}", "\u00a0": " ", "\u2009": " ", "\u202f": " ",
     "\u3000": " ", "\u200b": "", "\uff0c": ",", "\uff1a": ":", "\uff08": "(", "\uff09": ")", "\uff05": "%",
+    "\u20ac": "", "\u00a3": "", "\u00a5": "", "\u20b9": "",  # currency signs, like `\\$`
 })
+# A metric unit with a Unicode power after a quantity, at the end: `12 m²`, `3 cm³` (bare `m` is a variable,
+# but `m²` after a number is a unit).
+_POWER_UNIT_RE = re.compile(r"(?<=[\d}) ])\s*(?:[cmkd]?m|ft|in)[\u00b2\u00b3]\s*\.?\s*$")
 
 # In every pattern below that looks at commands, `\\\\` (a LaTeX line break) is matched first and kept, so
 # `\\,` is read as line break + comma, never as a thin space.
@@ -522,6 +527,8 @@ def _strip_punctuation(s: str) -> str:
 def _normalize(s: str) -> str:
     # --- repairs, delimiters, spacing
     s = _CONTROL_RE.sub(lambda m: _CONTROL_FIX[m.group()], s)
+    if "\u00b2" in s or "\u00b3" in s:
+        s = _POWER_UNIT_RE.sub("", s)
     s = s.translate(_UNICODE)
     s = strip_math_delimiters(s)
     s = _LEFT_RIGHT_RE.sub(_keep_linebreak(""), s)

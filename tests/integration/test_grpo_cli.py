@@ -47,7 +47,7 @@ def test_quickstart_grpo_raises_the_reward(quickstart_pipeline):
     assert summary["reward_last10"] - summary["reward_first10"] >= 0.10
     record = _metrics(run)[-1]
     for key in ("reward", "reward_std", "reward/correctness", "accuracy", "completion_len", "clip_frac", "entropy",
-                "generation_s", "reward_s", "train_s", "logprob_diff"):
+                "generation_s", "reward_s", "train_s", "logprob_diff", "no_answer_frac"):
         assert key in record, key
     assert record["logprob_diff"] < 1e-3  # the engine got every update: its log-probs are the trainer's
     assert (run / "plots" / "reward.png").is_file()

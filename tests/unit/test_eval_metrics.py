@@ -38,6 +38,16 @@ def test_pass_at_k_hand_values():
         pass_at_k(2, 1, 3)
 
 
+def test_majority_votes_on_equivalence_not_spelling():
+    # `1/2` and `0.5` are one wrong answer with two votes; they beat the one right answer
+    assert majority_correct(["\\frac{1}{2}", "0.5", "3"], [False, False, True]) is False
+    # two spellings of the right answer are one class
+    assert majority_correct(["7", "\\frac{1}{2}", "7.0", "0.6"], [True, False, True, False]) is True
+    # wrong answers that differ stay separate votes: the right one, reached first, wins the tie
+    assert majority_correct(["3", "1", "2", "3"], [True, False, False, True]) is True
+    assert majority_correct(["1", "2", "3", "1"], [False, False, True, False]) is False
+
+
 def test_majority_vote_and_ties():
     assert majority_correct(["4", "5", "4"], [True, False, True]) is True
     assert majority_correct(["5", "4", "5"], [False, True, False]) is False

@@ -90,3 +90,10 @@ def test_registry_misses_list_what_exists_and_user_functions_import():
         get_reward("no_such_module:fn")
     with pytest.raises(ValueError, match="unknown reward"):
         RewardsConfig(weights={"corectness": 1.0})
+
+
+def test_no_answer_count():
+    from mathctl.rewards import no_answer_count
+
+    # a box, a prose answer, a truncated box and a question: two answers found, two not
+    assert no_answer_count(["so \\boxed{4}", "The answer is 7.", "so \\boxed{4", "Is it?"]) == 2
