@@ -141,7 +141,9 @@ def run_stage(stage: Stage, folder: Path, overrides: list[str], args: dict[str, 
         summary = _model_stage(stage, folder, args)
     elif stage.step == "data":
         from mathctl.core.config import validate
-        from mathctl.data import PrepareConfig, prepare
+        from mathctl.worker import step_module
+
+        data, PrepareConfig = step_module("data")
 
         if "out" in args:
             raise ConfigError(f"stage {stage.name}: a data stage writes into its own folder; remove args.out",
@@ -152,7 +154,7 @@ def run_stage(stage: Stage, folder: Path, overrides: list[str], args: dict[str, 
             import shutil
 
             shutil.rmtree(folder / "data")  # an interrupted preparation
-        stats = prepare(cfg)
+        stats = data.prepare(cfg)
         summary = {"status": "completed", "path": str(folder / "data"), "rows": stats["rows_out"],
                    "kind": stats["kind"]}
     elif stage.step == "synthetic":
@@ -201,14 +203,15 @@ def _model_stage(stage: Stage, folder: Path, args: dict[str, Any]) -> dict[str, 
         source = f"{package}:{member}"
     else:
         raise ConfigError(f"stage {stage.name}: no model given", hint="set args.path (or vars.model), or package and member")
-    from mathctl.convert import convert
+    from mathctl.worker import step_module
 
+    convert, _ = step_module("convert-ckpt")
     target = folder / "model"
     if target.exists():
         import shutil
 
         shutil.rmtree(target)  # an interrupted conversion
-    converted = convert(gguf, target, fmt_from="gguf", dtype=str(args.get("dtype") or "auto"))
+    converted = convert.convert(gguf, target, fmt_from="gguf", dtype=str(args.get("dtype") or "auto"))
     return {"status": "completed", "path": str(target), "source": source, "parameters": converted.get("parameters")}
 
 

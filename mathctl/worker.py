@@ -13,7 +13,7 @@ from mathctl.core.errors import MathctlError
 STEPS = {"sft": ("mathctl.sft", "SFTConfig"), "eval": ("mathctl.evaluate", "EvalConfig"),
          "data": ("mathctl.data", "PrepareConfig"), "rm": ("mathctl.rm", "RMConfig"),
          "grpo": ("mathctl.grpo", "GRPOConfig"), "mcts": ("mathctl.mcts_sample", "MCTSConfig"),
-         "pipeline": ("mathctl.pipeline", "PipelineConfig")}
+         "pipeline": ("mathctl.pipeline", "PipelineConfig"), "convert-ckpt": ("mathctl.convert", None)}
 
 
 def step_module(step: str):
@@ -21,7 +21,7 @@ def step_module(step: str):
 
     module_name, config_name = STEPS[step]
     module = importlib.import_module(module_name)
-    return module, getattr(module, config_name)
+    return module, getattr(module, config_name) if config_name else None  # convert-ckpt takes no recipe
 
 
 def main(argv: list[str] | None = None) -> int:
