@@ -13,15 +13,18 @@ from mathctl.core.errors import MathctlError
 STEPS = {"sft": ("mathctl.sft", "SFTConfig"), "eval": ("mathctl.evaluate", "EvalConfig"),
          "data": ("mathctl.data", "PrepareConfig"), "rm": ("mathctl.rm", "RMConfig"),
          "grpo": ("mathctl.grpo", "GRPOConfig"), "mcts": ("mathctl.mcts_sample", "MCTSConfig"),
-         "pipeline": ("mathctl.pipeline", "PipelineConfig"), "convert-ckpt": ("mathctl.convert", None)}
+         "pipeline": ("mathctl.pipeline", "PipelineConfig")}
+RECIPELESS = {"convert-ckpt": "mathctl.convert"}  # steps without a recipe (their config is their arguments)
 
 
 def step_module(step: str):
     import importlib
 
+    if step in RECIPELESS:
+        return importlib.import_module(RECIPELESS[step]), None
     module_name, config_name = STEPS[step]
     module = importlib.import_module(module_name)
-    return module, getattr(module, config_name) if config_name else None  # convert-ckpt takes no recipe
+    return module, getattr(module, config_name)
 
 
 def main(argv: list[str] | None = None) -> int:
