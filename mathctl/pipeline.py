@@ -277,7 +277,10 @@ def headline(stage: Stage, summary: dict[str, Any], folder: Path) -> str:
             acc = next((r["eval_accuracy"] for r in reversed(RunDir(folder).read_metrics()) if "eval_accuracy" in r), None)
         return f"held-out pair accuracy {acc:.3f}" if isinstance(acc, float) else "trained"
     if stage.step == "sft":
-        loss = summary.get("eval_loss") or summary.get("train_loss")
+        loss, start = summary.get("eval_loss"), summary.get("eval_loss_start")
+        if isinstance(loss, float) and isinstance(start, float):
+            return f"held-out loss {start:.4f} -> {loss:.4f}"
+        loss = loss if loss is not None else summary.get("train_loss")
         return f"loss {loss:.4f}" if isinstance(loss, float) else "trained"
     if stage.step == "synthetic":
         return f"{summary.get('rows')} problems"

@@ -9,8 +9,8 @@ Rules, in priority order. The first rule that finds something decides; later rul
 1. Boxed. The last top-level `\\boxed{...}` or `\\fbox{...}` whose braces close (nesting counted; the
    escaped braces `\\{` `\\}` of a set are not counted). The brace-less form `\\boxed 5` / `\\boxed5` takes
    the token up to the next whitespace, `$` or brace. A box nested inside another box is part of the outer
-   box's content. Empty boxes are skipped; if every closed box is empty the answer is None (a response that
-   boxes nothing has no answer, whatever else it says). A box that never closes (a truncated response)
+   box's content. Empty boxes are skipped; when every closed box is empty (`within \\boxed{}`, the prompt's
+   words echoed) the later rules read the text, as if there were no box. A box that never closes (a truncated response)
    does not count. The box content is returned as written: `\\text{(B)}` stays `\\text{(B)}` (normalisation
    turns it into `B`), so nothing is lost when the box holds a choice label and a value.
 2. GSM8K: the text after the last `####`, to the end of its line (`#### 1,234` -> `1,234`).
@@ -106,6 +106,7 @@ _BOLD_RE = re.compile(r"\*\*([^*\n]{1,200})\*\*")
 _NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 # "the result is X": an answer statement weaker than "answer", used when no answer marker is found.
 _RESULT_MARKER_RE = re.compile(r"(?i:\bresult[ \t]+is\b[ \t]*:?)")
+_EMPTY_BOX_RE = re.compile(r"\\boxed\s*\{\s*\}")  # `\boxed{}`: the prompt's words echoed, not an answer
 _BARE_MAX_CHARS = 60
 _BARE_MAX_WORDS = 3
 # How far a display block (`$$ ... $$`) after an answer marker may extend.
@@ -402,8 +403,8 @@ def _from_last_number(text: str) -> str | None:
 
 def _extract(text: str) -> str | None:
     boxes = _boxes(text)
-    if boxes:
-        return next((b for b in reversed(boxes) if b), None)
+    if any(boxes):  # only empty boxes (`within \\boxed{}` echoed from the prompt): not an answer, read on
+        return next(b for b in reversed(boxes) if b)
     rules = (_from_gsm8k, _from_minerva, _from_statement, _from_choice_phrase, _from_code_output, _from_bare)
     for rule in rules:
         ans = rule(text)
@@ -422,7 +423,7 @@ def _may_guess(text: str) -> bool:
     """Whether the prose rules (8-10) may look at `text`: not when it has a box that never closed or an
     answer marker with nothing after it (a truncated response: its answer is missing, not elsewhere), not
     when it ends in a question, and only when it has words (bare lines of numbers are ambiguous)."""
-    if _BOX_RE.search(text) or _ANSWER_MARKER_RE.search(text):
+    if _BOX_RE.search(_EMPTY_BOX_RE.sub("", text)) or _ANSWER_MARKER_RE.search(text):
         return False
     return not text.rstrip().endswith("?") and _WORD_RE.search(text) is not None
 

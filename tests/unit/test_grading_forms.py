@@ -41,6 +41,11 @@ NO_BOX = [
     ("Thus the value of $x$ is 6.", "5", False),
     ("We get 5. The answer is ", "5", False),  # truncated right before the answer: no answer
     ("The last step gives \\boxed{5", "5", False),  # a box that never closes
+    # the prompt's "within \\boxed{}" echoed as words: an empty box is no answer, the statement after it is
+    ("To give the final answer within \\boxed{}, we round it.\n\nThe answer is 50.", "50", True),
+    ("To give the final answer within \\boxed{}, we round it.\n\nThe answer is 50.", "5", False),
+    ("We write it in \\boxed{} at the end. So the result is 7", "7", True),
+    ("We write it in \\boxed{} at the end. So the result is 7", "-7", False),
 ]
 
 # --- relations and inequalities in any spelling ---------------------------------------------------------
