@@ -356,14 +356,31 @@ def _from_bare(text: str) -> str | None:
 
 def _math_spans(text: str) -> list[tuple[int, int]]:
     """(start, end) of the contents of every closed `$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]`, in order.
-    One pass over the delimiter tokens; `\\$` and `\\\\` are skipped, a span never holds another."""
+    One pass over the delimiter tokens; `\\$` and `\\\\` are skipped, a span never holds another.
+
+    A single `$` follows pandoc's rule, so that prices are not math: it opens only with a non-space right
+    after it, closes only with a non-space right before it and no digit right after it, and a span never
+    crosses a blank line. In "made $50,000.\\n\\nSo the profit of $" no span opens and closes."""
     spans = []
     closer, start = None, 0
     for m in _MATH_TOKEN_RE.finditer(text):
         tok = m.group()
         if tok in ("\\\\", "\\$"):
             continue
+        if closer == "$" and tok == "$":
+            before, after = text[m.start() - 1], text[m.end():m.end() + 1]
+            if not before.isspace() and not after.isdigit() and "\n\n" not in text[start:m.start()]:
+                spans.append((start, m.start()))
+                closer = None
+                continue
+            if after and not after.isspace():
+                start = m.end()  # not a closer; it may open a span of its own
+            else:
+                closer = None
+            continue
         if closer is None:
+            if tok == "$" and (not text[m.end():m.end() + 1] or text[m.end()].isspace()):
+                continue  # "$ 5" or a `$` at the end: not an opener
             if tok in _MATH_CLOSER:
                 closer, start = _MATH_CLOSER[tok], m.end()
         elif tok == closer:

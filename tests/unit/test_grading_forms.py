@@ -46,6 +46,12 @@ NO_BOX = [
     ("To give the final answer within \\boxed{}, we round it.\n\nThe answer is 50.", "5", False),
     ("We write it in \\boxed{} at the end. So the result is 7", "7", True),
     ("We write it in \\boxed{} at the end. So the result is 7", "-7", False),
+    # dollar signs as prices are not math delimiters (pandoc's rule); the last number is read instead
+    ("The profit is 0.15 * $350,000 = $50,000.\n\nSo, Josh made a profit of $", "50000", True),
+    ("The profit is 0.15 * $350,000 = $50,000.\n\nSo, Josh made a profit of $", "70000", False),
+    ("He paid $12 and got $3 back, so he spent 9 dollars", "9", True),
+    ("He paid $12 and got $3 back, so he spent 9 dollars", "3", False),
+    ("It costs $5, so the total is $x = 20$", "20", True),
 ]
 
 # --- relations and inequalities in any spelling ---------------------------------------------------------
