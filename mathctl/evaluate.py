@@ -30,6 +30,7 @@ from pydantic import Field, field_validator, model_validator
 from mathctl.core.config import EngineConfig, ModelSpec, OutputConfig, SamplingConfig, Strict
 from mathctl.core.errors import ConfigError, DataError, GateFailed
 from mathctl.core.rundir import RunDir
+from mathctl.grading.graders import GraderName
 
 RESULTS = "results.jsonl"
 
@@ -73,16 +74,9 @@ class EvalSection(TaskSettings):
         None, ge=1, description="Problems per engine call, appended to results.jsonl together (the resume "
         "granularity); default: 1024 with vllm (it schedules large batches itself), else max(64, engine.batch_size).")
     grading_timeout_s: float = Field(1.0, gt=0, description="Time limit of one symbolic equivalence check.")
-    grader: Literal["mathctl", "math-verify"] = Field(
+    grader: GraderName = Field(
         "mathctl", description="Who decides correctness: mathctl's grader, or math-verify (an optional "
         "dependency: pip install math-verify) to reproduce numbers reported with it. Recorded in summary.json.")
-
-    @field_validator("grader")
-    @classmethod
-    def _grader_installed(cls, value: str) -> str:
-        from mathctl.grading.graders import check_grader_installed
-
-        return check_grader_installed(value)
     prm: str | None = Field(None, description="A reward model (a `mathctl rm` final/) that scores every sample: "
                             "adds `score` and best-of-k `bon@k`.")
     prm_aggregate: Literal["last", "min"] = Field(

@@ -29,7 +29,6 @@ import math
 import operator
 import re
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -37,6 +36,7 @@ from mathctl.core.config import Strict
 from mathctl.core.errors import ConfigError
 from mathctl.grading.extract import extract_answer, extract_boxed_all
 from mathctl.grading.grade import Gold, grade_batch
+from mathctl.grading.graders import GraderName
 
 RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[Gold]], list[float]]
 
@@ -199,16 +199,9 @@ class RewardsConfig(Strict):
     weights: dict[str, float] = Field(default_factory=lambda: {"correctness": 1.0},
                                       description="Reward name -> weight; the total is the weighted sum.")
     timeout_s: float = Field(1.0, gt=0, description="Time limit of each symbolic equivalence check (correctness).")
-    grader: Literal["mathctl", "math-verify"] = Field(
+    grader: GraderName = Field(
         "mathctl", description="Who decides `correctness`: mathctl's grader, or math-verify (an optional "
         "dependency: pip install math-verify) to reproduce peers' reward setups.")
-
-    @field_validator("grader")
-    @classmethod
-    def _grader_installed(cls, value: str) -> str:
-        from mathctl.grading.graders import check_grader_installed
-
-        return check_grader_installed(value)
     length_soft_chars: int = Field(4000, ge=1, description="length_penalty: no penalty up to this many characters.")
     length_hard_chars: int = Field(8000, ge=2, description="length_penalty: -1 at and beyond this many characters.")
 

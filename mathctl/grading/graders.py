@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from importlib import metadata
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator
 
 from mathctl.core.errors import ConfigError
 from mathctl.grading.grade import Gold, Grade, gold_strings, grade_batch
@@ -47,6 +50,11 @@ def check_grader_installed(name: str) -> str:
     except ConfigError as exc:
         raise ValueError(f"{exc.message}; {exc.hint}") from None
     return name
+
+
+# The config type of `eval.grader` and `rewards.grader`: one of GRADERS, and installed (checked when the recipe
+# is validated, so a missing math-verify is reported with the recipe's other problems, before any model loads).
+GraderName = Annotated[Literal["mathctl", "math-verify"], AfterValidator(check_grader_installed)]
 
 
 def grade_with(grader: str, responses: Sequence[str], golds: Sequence[Gold], *, timeout_s: float = 1.0,
