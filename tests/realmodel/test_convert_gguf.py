@@ -86,4 +86,4 @@ def test_hf_dcp_hf_round_trip_is_bit_exact(smollm2, tmp_path):
         return {k: v for k, v in json.loads(path.read_text()).items() if k != "transformers_version"}
 
     assert settings(tmp_path / "hf" / "generation_config.json") == settings(smollm2 / "generation_config.json")
-    assert json.loads((tmp_path / "hf" / "config.json").read_text()) == json.loads((smollm2 / "config.json").read_text())
+    assert settings(tmp_path / "hf" / "config.json") == settings(smollm2 / "config.json")
