@@ -211,8 +211,8 @@ def _model_stage(stage: Stage, folder: Path, args: dict[str, Any]) -> dict[str, 
         import shutil
 
         shutil.rmtree(target)  # an interrupted conversion
-    converted = convert.convert(gguf, target, fmt_from="gguf", dtype=str(args.get("dtype") or "auto"))
-    return {"status": "completed", "path": str(target), "source": source, "parameters": converted.get("parameters")}
+    convert.convert(gguf, target, fmt_from="gguf", dtype=str(args.get("dtype") or "auto"))
+    return {"status": "completed", "path": str(target), "source": source}
 
 
 def _run_eval(recipe: str, overrides: list[str], folder: Path) -> dict[str, Any]:
