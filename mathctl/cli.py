@@ -99,6 +99,30 @@ def _saved_recipe(step: str, run_dir: Path | None, command: str | None = None) -
     return str(saved)
 
 
+def _write_sbatch(step: str, cfg: Any, run: Any, *, one_worker: bool, submit: bool, as_json: bool) -> None:
+    """`--slurm`: the sbatch script into the run folder, submitted with `--submit`."""
+    from mathctl.core import launch as launching
+    from mathctl.core.console import log
+    from mathctl.core.io import atomic_write_text
+
+    script = run.path / "launch.sbatch"
+    atomic_write_text(script, launching.render_slurm(step, cfg.launch, run.path, engine=getattr(cfg, "engine", None),
+                                                     one_worker=one_worker))
+    summary: dict[str, Any] = {"status": "written", "run_dir": str(run.path), "sbatch": str(script)}
+    if submit:
+        import subprocess
+
+        try:
+            out = subprocess.run(["sbatch", str(script)], capture_output=True, text=True, check=True)
+        except FileNotFoundError:
+            raise ConfigError("sbatch is not on PATH", hint="run on a Slurm login node, or submit the script by hand") from None
+        except subprocess.CalledProcessError as exc:
+            raise ConfigError(f"sbatch failed: {exc.stderr.strip()}", hint="check the #SBATCH settings in launch.slurm") from None
+        summary.update(status="submitted", sbatch_output=out.stdout.strip())
+    log(f"sbatch script: {script}")
+    _emit(summary, as_json)
+
+
 def run_step(step: str, *, recipe: str | None, overrides: list[str] | None, aliases: dict[str, Any],
              run_dir: Path | None, resume: bool, dry_run: bool, as_json: bool, slurm: bool, submit: bool,
              command: str | None = None) -> None:
@@ -159,24 +183,8 @@ def run_step(step: str, *, recipe: str | None, overrides: list[str] | None, alia
     run = RunDir.create(run_dir, recipe_yaml=resolved, step=step, resume=resume, seeds=cfg.seeds())
     log(f"run folder: {run.path}")
     if slurm:
-        script = run.path / "launch.sbatch"
-        from mathctl.core.io import atomic_write_text
-
-        atomic_write_text(script, launching.render_slurm(step, cfg.launch, run.path, engine=getattr(cfg, "engine", None),
-                                                         one_worker=getattr(module, "PLACES_ITS_PROCESSES", False)))
-        summary: dict[str, Any] = {"status": "written", "run_dir": str(run.path), "sbatch": str(script)}
-        if submit:
-            import subprocess
-
-            try:
-                out = subprocess.run(["sbatch", str(script)], capture_output=True, text=True, check=True)
-            except FileNotFoundError:
-                raise ConfigError("sbatch is not on PATH", hint="run on a Slurm login node, or submit the script by hand") from None
-            except subprocess.CalledProcessError as exc:
-                raise ConfigError(f"sbatch failed: {exc.stderr.strip()}", hint="check the #SBATCH settings in launch.slurm") from None
-            summary.update(status="submitted", sbatch_output=out.stdout.strip())
-        log(f"sbatch script: {script}")
-        _emit(summary, as_json)
+        _write_sbatch(step, cfg, run, one_worker=getattr(module, "PLACES_ITS_PROCESSES", False), submit=submit,
+                      as_json=as_json)
         return
     try:
         if launch is not None and launching.needs_launcher(launch) and not getattr(module, "PLACES_ITS_PROCESSES", False):
@@ -631,6 +639,8 @@ def eval_cmd(
     resume: bool = ResumeOpt,
     dry_run: bool = DryRunOpt,
     json_out: bool = JsonOpt,
+    slurm: bool = SlurmOpt,
+    submit: bool = SubmitOpt,
 ) -> None:
     from mathctl import evaluate
     from mathctl.core.config import dump_yaml, load_recipe
@@ -670,13 +680,18 @@ def eval_cmd(
         else:
             sys.stdout.write(dump_yaml(cfg))
         return
+    if cfg.launch.num_machines > 1 and not slurm:
+        raise ConfigError(f"launch.num_machines={cfg.launch.num_machines}: eval answers one slice of the problems per "
+                          "machine, started by an sbatch script", hint="add --slurm to write (and --submit to submit) "
+                          "it, or run one --shard i/N per machine and `mathctl eval merge` them")
     _quiet_libraries()
-    from mathctl.models import resolve_model_path
+    if not slurm:  # the script runs where the model and data are; nothing here needs to reach them
+        from mathctl.models import resolve_model_path
 
-    resolve_model_path(cfg.model.path)
-    if cfg.eval.prm:
-        resolve_model_path(cfg.eval.prm)  # a missing reward model fails before a run folder exists
-    problems = evaluate.load_tasks(cfg)  # unknown files fail here, before a run folder exists
+        resolve_model_path(cfg.model.path)
+        if cfg.eval.prm:
+            resolve_model_path(cfg.eval.prm)  # a missing reward model fails before a run folder exists
+        problems = evaluate.load_tasks(cfg)  # unknown files fail here, before a run folder exists
     if run_dir is None:
         import datetime as _dt
         import re as _re
@@ -686,6 +701,9 @@ def eval_cmd(
         run_dir = Path(cfg.output.root) / "eval" / (cfg.output.name or f"{label}-{stamp}")
     run = RunDir.create(run_dir, recipe_yaml=dump_yaml(cfg), step="eval", resume=resume, seeds=cfg.seeds())
     log(f"run folder: {run.path}")
+    if slurm:
+        _write_sbatch("eval", cfg, run, one_worker=True, submit=submit, as_json=json_out)
+        return
     with run.failing():
         summary = evaluate.run(cfg, run, problems=problems)
     print_table(evaluate.render_table(summary))

@@ -27,7 +27,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import Field, field_validator, model_validator
 
-from mathctl.core.config import EngineConfig, ModelSpec, OutputConfig, SamplingConfig, Strict
+from mathctl.core.config import EngineConfig, LaunchConfig, ModelSpec, OutputConfig, SamplingConfig, Strict
 from mathctl.core.errors import ConfigError, DataError, GateFailed
 from mathctl.core.rundir import RunDir
 from mathctl.grading.graders import GraderName
@@ -99,10 +99,20 @@ class EvalConfig(Strict):
     model: ModelSpec
     engine: EngineConfig = Field(default_factory=EngineConfig)
     eval: EvalSection = Field(default_factory=EvalSection)
+    launch: LaunchConfig = Field(
+        default_factory=LaunchConfig, description="num_processes: engine replicas over all machines (the same as "
+        "engine.data_parallel_size); num_machines > 1 and slurm: one slice of the problems per node, through --slurm.")
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
+        dp, procs = self.engine.data_parallel_size, self.launch.num_processes
+        # num_processes == num_machines (one per node, the least launch allows) asks for no replicas
+        if dp > 1 and procs > self.launch.num_machines and dp != procs:
+            raise ValueError(f"launch.num_processes={procs} and engine.data_parallel_size={dp} both count the engine "
+                             "replicas of eval; set one of them")
+        if self.launch.num_machines > 1 and self.eval.shard:
+            raise ValueError("launch.num_machines splits the problems by node already; drop eval.shard (--shard)")
         from mathctl.benchmarks import get_benchmark
 
         unknown = []
@@ -119,6 +129,16 @@ class EvalConfig(Strict):
 
     def seeds(self) -> dict[str, int]:
         return {"eval": self.eval.seed}
+
+    @property
+    def replicas(self) -> int:
+        """Engine replicas answering in parallel over all machines (launch.num_processes or
+        engine.data_parallel_size)."""
+        return max(self.engine.data_parallel_size, self.launch.num_processes)
+
+
+# `mathctl eval` places its own processes (engine replicas, mathctl/replicas.py; nodes, mathctl/nodes.py).
+PLACES_ITS_PROCESSES = True
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -363,8 +383,12 @@ def run(cfg: EvalConfig, run_dir: RunDir, *, engine: Any = None, problems: dict[
 
     require_grader(cfg.eval.grader)  # before any model is loaded
 
+    if engine is None and cfg.launch.num_machines > 1:
+        raise ConfigError(f"launch.num_machines={cfg.launch.num_machines}: eval answers one slice of the problems "
+                          "per machine, started by the sbatch script", hint="add --slurm to write (and --submit to "
+                          "submit) it, or run one --shard i/N per machine and `mathctl eval merge` them")
     problems = problems if problems is not None else load_tasks(cfg)
-    if engine is None and cfg.engine.data_parallel_size > 1:
+    if engine is None and cfg.replicas > 1:
         return run_replicated(cfg, run_dir, problems)
     tasks = list(problems)
     results_path = run_dir.path / RESULTS
@@ -443,7 +467,8 @@ def _sample_record(sample, grade) -> dict[str, Any]:
 
 def write_summary(cfg: EvalConfig, run_dir: RunDir, tasks: list[str], *, prompt_format: str | None,
                   backend: str | None, chat_template_digest: str | None,
-                  shards: list[str] | None = None, replicas: list[str] | None = None) -> dict[str, Any]:
+                  shards: list[str] | None = None, replicas: list[str] | None = None,
+                  nodes: list[str] | None = None) -> dict[str, Any]:
     """Score every task from results.jsonl, write summary.json, mark the run completed."""
     from mathctl.benchmarks import get_benchmark
     from mathctl.grading.graders import grader_version
@@ -472,6 +497,8 @@ def write_summary(cfg: EvalConfig, run_dir: RunDir, tasks: list[str], *, prompt_
         summary["merged_from"] = shards
     if replicas:
         summary["replicas"] = replicas
+    if nodes:
+        summary["nodes"] = nodes
     gate = cfg.eval.min_score
     failing = [name for name, entry in out_tasks.items() if gate is not None and entry["score"] < gate]
     if gate is not None:
@@ -516,29 +543,52 @@ def render_table(summary: dict[str, Any]):
 def run_replicated(cfg: EvalConfig, run_dir: RunDir, problems: dict[str, list]) -> dict[str, Any]:
     """`engine.data_parallel_size` engines, each answering every N-th problem in a worker of its own
     (mathctl/replicas.py); their results.jsonl merged into this run's, then scored as one run."""
-    from mathctl.core.io import atomic_write_text
     from mathctl.replicas import check_layout, run_replicas
 
-    count = cfg.engine.data_parallel_size
+    count = cfg.replicas
     check_layout(run_dir, count)
     configs = []
     for k in range(count):
         sub = cfg.model_copy(deep=True)
         sub.engine.data_parallel_size = 1
+        sub.launch = LaunchConfig()
         sub.eval.replica = f"{k}/{count}"
         sub.eval.min_score = None  # the gate is the merged run's
         configs.append(sub)
     total = sum(len(v) for v in problems.values())
     folders = run_replicas("eval", configs, run_dir.path, engine=cfg.engine, rows_file=RESULTS, total=total,
                            label="eval")
-    tasks = list(problems)
+    return _merge_runs(cfg, run_dir, folders, list(problems), replicas=[str(f) for f in folders])
+
+
+def _merge_runs(cfg: EvalConfig, run_dir: RunDir, folders: list[Path], tasks: list[str], **origin) -> dict[str, Any]:
+    """The finished runs of disjoint problems (replicas, nodes) into `run_dir`, scored as one run."""
+    from mathctl.core.io import atomic_write_text
+
     write_merged_results(folders, tasks, run_dir.path / RESULTS)
     head = json.loads((folders[0] / "summary.json").read_text())
     template = folders[0] / "chat_template.jinja"
     if template.is_file():
         atomic_write_text(run_dir.path / "chat_template.jinja", template.read_text())
     return write_summary(cfg, run_dir, tasks, prompt_format=head.get("prompt_format"), backend=head.get("backend"),
-                         chat_template_digest=head.get("chat_template_digest"), replicas=[str(f) for f in folders])
+                         chat_template_digest=head.get("chat_template_digest"), **origin)
+
+
+def node_config(cfg: EvalConfig, node: int, machines: int) -> EvalConfig:
+    """Node `node` of `machines` (mathctl/nodes.py): every M-th problem from `node`, the same split as
+    `--shard node/M`, answered by this node's share of the engine replicas."""
+    from mathctl.nodes import per_node_replicas
+
+    sub = cfg.model_copy(deep=True)
+    sub.engine.data_parallel_size = per_node_replicas(cfg.replicas, machines)
+    sub.launch = LaunchConfig()
+    sub.eval.shard = f"{node}/{machines}"
+    sub.eval.min_score = None  # the gate is the merged run's
+    return sub
+
+
+def merge_nodes(cfg: EvalConfig, run_dir: RunDir, folders: list[Path]) -> dict[str, Any]:
+    return _merge_runs(cfg, run_dir, folders, get_task_names(cfg), nodes=[str(f) for f in folders])
 
 
 def merge(shard_dirs: list[Path], out: Path, *, min_score: float | None = None) -> dict[str, Any]:

@@ -141,12 +141,12 @@ class MCTSConfig(Strict):
     def _check(self) -> MCTSConfig:
         if "{prompt}" not in self.data.prompt_template:
             raise ValueError("data.prompt_template must contain {prompt}")
-        if self.launch.num_machines != 1:
-            raise ValueError("mcts-sample runs on one machine (launch.num_machines=1), with engine replicas on its "
-                             "GPUs (launch.num_processes or engine.data_parallel_size); across machines run one "
-                             "--shard i/M per machine and combine the folders with `mathctl mcts-sample merge`")
+        if self.launch.num_machines > 1 and (self.rounds.count > 1 or self.data.shard):
+            raise ValueError("launch.num_machines > 1 splits one round's problems by node (--slurm); it takes "
+                             "neither --rounds > 1 (training between rounds runs on one machine) nor --shard")
         dp, procs = self.engine.data_parallel_size, self.launch.num_processes
-        if dp > 1 and procs > 1 and dp != procs:
+        # num_processes == num_machines (one per node, the least launch allows) asks for no replicas
+        if dp > 1 and procs > self.launch.num_machines and dp != procs:
             raise ValueError(f"launch.num_processes={procs} and engine.data_parallel_size={dp} both count the engine "
                              "replicas of mcts-sample; set one of them")
         if self.search.mode == "beam" and not self.prm and self.rounds.count == 1:
@@ -358,7 +358,6 @@ def _run_round_replicated(cfg: MCTSConfig, folder: Path, *, policy: str, prm: st
                           problems: list[dict[str, Any]]) -> dict[str, Any]:
     """One round searched by `cfg.replicas` engines in workers of their own (mathctl/replicas.py), each on every
     N-th problem; their files merged into `folder` in problem order, as one process would have written them."""
-    from mathctl.core.io import iter_jsonl
     from mathctl.replicas import run_replicas
 
     count = cfg.replicas
@@ -373,6 +372,17 @@ def _run_round_replicated(cfg: MCTSConfig, folder: Path, *, policy: str, prm: st
         configs.append(MCTSConfig.model_validate(data))
     folders = run_replicas("mcts", configs, folder, engine=cfg.engine, rows_file="trees.jsonl", total=len(problems),
                            label=f"{label} ({cfg.search.mode})")
+    summary = _merge_folders(cfg, folder, folders, problems)
+    summary.update(policy=policy, prm=prm, replicas=[str(f) for f in folders])
+    atomic_write_json(folder / "summary.json", summary)
+    return summary
+
+
+def _merge_folders(cfg: MCTSConfig, folder: Path, folders: list[Path], problems: list[dict[str, Any]]) -> dict[str, Any]:
+    """The files of finished searches of disjoint problems (replicas, nodes) merged into `folder` in problem order,
+    as one process would have written them; returns the round's summary."""
+    from mathctl.core.io import iter_jsonl
+
     order = {p["id"]: i for i, p in enumerate(problems)}
     for name in FILES:
         rows = [row for sub in folders if (sub / name).is_file() for _, row in iter_jsonl(sub / name)]
@@ -381,8 +391,26 @@ def _run_round_replicated(cfg: MCTSConfig, folder: Path, *, policy: str, prm: st
         atomic_write_text(folder / name, "".join(json.dumps(row) + "\n" for row in rows))
     head = json.loads((folders[0] / "summary.json").read_text())
     summary = round_summary(folder, cfg.search.mode)
-    summary.update(policy=policy, prm=prm, sandbox=head.get("sandbox"), replicas=[str(f) for f in folders])
-    atomic_write_json(folder / "summary.json", summary)
+    summary.update(sandbox=head.get("sandbox"))
+    return summary
+
+
+def node_config(cfg: MCTSConfig, node: int, machines: int) -> MCTSConfig:
+    """Node `node` of `machines` (mathctl/nodes.py): every M-th problem from `node`, the same split as
+    `--shard node/M`, searched by this node's share of the engine replicas."""
+    from mathctl.nodes import per_node_replicas
+
+    data = cfg.model_dump(mode="json")
+    data["data"]["shard"] = f"{node}/{machines}"
+    data["engine"]["data_parallel_size"] = per_node_replicas(cfg.replicas, machines)
+    data["launch"].update(num_machines=1, num_processes=1)
+    return MCTSConfig.model_validate(data)
+
+
+def merge_nodes(cfg: MCTSConfig, run_dir: RunDir, folders: list[Path]) -> dict[str, Any]:
+    summary = _merge_folders(cfg, run_dir.path, folders, load_problems(cfg.data))
+    summary.update(policy=cfg.model.path, prm=cfg.prm, nodes=[str(f) for f in folders], run_dir=str(run_dir.path))
+    print_table(rounds_table([{"round": 1, **summary}]))
     return summary
 
 
@@ -518,6 +546,10 @@ def run(cfg: MCTSConfig, run_dir: RunDir) -> dict[str, Any]:
     """One round in the run folder itself, or `rounds.count` rounds in round_K/ folders."""
     from mathctl.models import resolve_model_path
 
+    if cfg.launch.num_machines > 1:
+        raise ConfigError(f"launch.num_machines={cfg.launch.num_machines}: mcts-sample searches one slice of the "
+                          "problems per machine, started by the sbatch script", hint="add --slurm to write (and "
+                          "--submit to submit) it, or run one --shard i/N per machine and `mathctl mcts-sample merge`")
     resolve_model_path(cfg.model.path)
     if cfg.prm:
         resolve_model_path(cfg.prm)

@@ -1,10 +1,10 @@
 """Data-parallel inference: N engine replicas on one machine, each on its own GPUs and its own problems.
 
-`eval` and `mcts-sample` with `engine.data_parallel_size: N` (mcts-sample: `launch.num_processes: N` says the
+`eval` and `mcts-sample` with `engine.data_parallel_size: N` (or `launch.num_processes: N`, which says the
 same) start N worker processes (`python -m mathctl.worker REPLICA/recipe.yaml`). Replica k searches or answers
-every N-th problem from k of this run's problems (after `--shard`, so shards and replicas compose: run one
-`--shard i/M` per node with N replicas each, then `merge` the node folders) with CUDA_VISIBLE_DEVICES set to
-its own `engine.tensor_parallel_size` GPUs (on a machine without GPUs: CPU replicas sharing the cores).
+every N-th problem from k of this run's problems (after `--shard`, so shards and replicas compose; across
+machines `--slurm` does that split itself, mathctl/nodes.py) with CUDA_VISIBLE_DEVICES set to its own
+`engine.tensor_parallel_size` GPUs (on a machine without GPUs: CPU replicas sharing the cores).
 
 Each replica writes an ordinary run folder under `RUN/replicas/k-of-N` and resumes it on its own; the parent
 shows one progress bar fed by the lines the replicas append, and once every replica has finished it merges
@@ -85,7 +85,7 @@ def check_layout(run_dir, count: int) -> None:
                                       or _has_rows(run_dir.path) else None)
     if before is not None and before != count:
         raise ConfigError(f"{run_dir.path} ran with {before} engine replica(s); this resume asks for {count}",
-                          hint=f"resume with engine.data_parallel_size={before} (mcts-sample: or launch.num_processes="
+                          hint=f"resume with engine.data_parallel_size={before} (or launch.num_processes="
                                f"{before}), or start a new run folder")
     run_dir.update_meta(replicas=count)
 

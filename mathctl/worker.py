@@ -1,6 +1,7 @@
 """Worker entry started by `accelerate launch`: `python -m mathctl.worker RUN_DIR/recipe.yaml`.
 
-It takes nothing but the resolved recipe; the step is named inside it (`step: sft`).
+It takes nothing but the resolved recipe; the step is named inside it (`step: sft`). The sbatch script of a
+multi-node inference run adds `--node I` (node I's slice of the problems) or `--merge-nodes` (mathctl/nodes.py).
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from mathctl.core.errors import MathctlError
+from mathctl.core.errors import ConfigError, MathctlError
 
 STEPS = {"sft": ("mathctl.sft", "SFTConfig"), "eval": ("mathctl.evaluate", "EvalConfig"),
          "data": ("mathctl.data", "PrepareConfig"), "rm": ("mathctl.rm", "RMConfig"),
@@ -34,17 +35,36 @@ def main(argv: list[str] | None = None) -> int:
     from mathctl.core.console import console, is_rank_zero
     from mathctl.core.rundir import RunDir
 
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m mathctl.worker RUN_DIR/recipe.yaml", file=sys.stderr)
+    args = list(sys.argv[1:] if argv is None else argv)
+    node: str | None = None
+    merge = "--merge-nodes" in args
+    if merge:
+        args.remove("--merge-nodes")
+    if "--node" in args[:-1]:
+        at = args.index("--node")
+        node = args[at + 1]
+        del args[at:at + 2]
+    if len(args) != 1 or (merge and node is not None):
+        print("usage: python -m mathctl.worker RUN_DIR/recipe.yaml [--node I | --merge-nodes]", file=sys.stderr)
         return 2
     recipe_path = Path(args[0])
     run_dir = RunDir(recipe_path.parent)
     try:
         data = yaml.safe_load(recipe_path.read_text())
-        module, config_cls = step_module(data.get("step", "sft"))
+        step = data.get("step", "sft")
+        module, config_cls = step_module(step)
         cfg = validate(config_cls, data, source=str(recipe_path))
-        module.run(cfg, run_dir)
+        if node is not None or merge:
+            from mathctl import nodes
+
+            if not hasattr(module, "node_config"):
+                raise ConfigError(f"{step} does not split its work by node", hint="run the step without --node")
+            if node is not None:
+                nodes.run_node(step, module, cfg, run_dir.path, nodes.parse_node(node, cfg.launch.num_machines))
+                return 0
+            run_dir.finish("completed", nodes.merge_nodes(module, cfg, run_dir))
+        else:
+            module.run(cfg, run_dir)
     except MathctlError as exc:
         if is_rank_zero():
             from rich.text import Text

@@ -50,6 +50,27 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600):
                           env=env, timeout=timeout)
 
 
+def run_sbatch_lines(script: Path, *, nodes: list[int] | None = None, merge: bool = True, timeout: float = 600):
+    """Run what a multi-node sbatch script of eval / mcts-sample runs, without Slurm: its srun command once per
+    node (`nodes`, default all, one after another, with that node's SLURM_NODEID) exactly as the script's text
+    says, then, with `merge`, the line after it (`--merge-nodes`). Returns the CompletedProcess of each."""
+    import shlex
+    import subprocess
+
+    lines = script.read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("srun "))
+    count = int(lines[at].split("--nodes=", 1)[1].split()[0])
+    inner = lines[at].split(" bash -c ", 1)[1]  # the per-node command, single-quoted as srun receives it
+    done = []
+    for node in range(count) if nodes is None else nodes:
+        done.append(subprocess.run(["bash", "-c", f"export SLURM_NODEID={node}; bash -c {inner}"],
+                                   capture_output=True, text=True, timeout=timeout))
+    if merge:
+        done.append(subprocess.run(["bash", "-c", lines[at + 1]], capture_output=True, text=True, timeout=timeout))
+    assert shlex.split(lines[at + 1])[-1] == "--merge-nodes"
+    return done
+
+
 @pytest.fixture
 def cli():
     """`cli(*args)` runs the real console entry in a subprocess."""

@@ -406,9 +406,10 @@ class EngineConfig(Strict):
         None, ge=1, description="Prompt plus completion tokens at most; default: the model's context length.")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one model is split over.")
     data_parallel_size: int = Field(
-        1, ge=1, description="eval and mcts-sample: engine replicas on this machine, each on its own "
-        "tensor_parallel_size GPUs (CPU replicas without GPUs) and its own share of the problems; their folders "
-        "(RUN/replicas/k-of-N) are merged into the run folder. GRPO's colocated engines ignore it.")
+        1, ge=1, description="eval and mcts-sample: engine replicas, each on its own tensor_parallel_size GPUs "
+        "(CPU replicas without GPUs) and its own share of the problems; their folders (RUN/replicas/k-of-N) are "
+        "merged into the run folder. It counts replicas over all machines, like launch.num_processes: with "
+        "launch.num_machines > 1 (--slurm) each node runs its share. GRPO's colocated engines ignore it.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of GPU memory it may take.")
     enable_prefix_caching: bool = Field(True, description="vllm: reuse the KV cache of shared prompt prefixes.")
     enforce_eager: bool = Field(False, description="vllm: skip CUDA graphs (slower, less memory, faster start).")

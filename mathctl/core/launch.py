@@ -85,14 +85,17 @@ def launch_local(launch: LaunchConfig, recipe_path: Path, user_error: Callable[[
 
 
 def render_slurm(step: str, launch: LaunchConfig, run_dir: Path, *, engine=None, one_worker: bool = False) -> str:
-    """An sbatch script that starts `accelerate launch` once per node with that node's rank; with `one_worker`
-    (a step that places its own processes: mcts-sample's engine replicas) one plain worker on one node that
-    gets the GPUs of all its replicas."""
+    """An sbatch script that starts `accelerate launch` once per node with that node's rank.
+
+    With `one_worker` (a step that places its own processes: eval's and mcts-sample's engine replicas) each node
+    runs one plain worker that gets the GPUs of its replicas: on one node that worker is the run; on M nodes
+    worker `--node i` answers the i-th of M slices of the problems in RUN/nodes/i-of-M (mathctl/nodes.py), and
+    once every node is done `--merge-nodes` combines their folders into RUN, as `merge` does with shards."""
     slurm = launch.slurm
     per_node = launch.processes_per_machine
     if one_worker:
-        replicas = max(launch.processes_per_machine, getattr(engine, "data_parallel_size", 1))
-        per_node = replicas * getattr(engine, "tensor_parallel_size", 1)
+        replicas = max(launch.num_processes, getattr(engine, "data_parallel_size", 1))
+        per_node = max(1, replicas // launch.num_machines) * getattr(engine, "tensor_parallel_size", 1)
     run_dir = run_dir.resolve()
     recipe = run_dir / "recipe.yaml"
     lines = [
@@ -119,8 +122,16 @@ def render_slurm(step: str, launch: LaunchConfig, run_dir: Path, *, engine=None,
         "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}",
         "",
     ]
+    worker = f"{shlex.quote(sys.executable)} -m mathctl.worker {shlex.quote(str(recipe))}"
+    if one_worker and launch.num_machines == 1:
+        lines.append(f"srun --nodes=1 --ntasks=1 {worker}")
+        return "\n".join(lines) + "\n"
     if one_worker:
-        lines.append(f"srun --nodes=1 --ntasks=1 {shlex.quote(sys.executable)} -m mathctl.worker {shlex.quote(str(recipe))}")
+        # single quotes: $SLURM_NODEID must expand on each node. A node that fails leaves the others running
+        # (their folders resume); the merge runs only when every node finished (set -e stops the script before it).
+        lines.append(f"srun --nodes={launch.num_machines} --ntasks-per-node=1 bash -c "
+                     f"{shlex.quote(worker + ' --node $SLURM_NODEID')}")
+        lines.append(f"{worker} --merge-nodes")
         return "\n".join(lines) + "\n"
     args = accelerate_args(launch, machine_rank="$SLURM_NODEID", main_ip="$MAIN_IP", main_port="$MAIN_PORT")
     launcher = " ".join(shlex.quote(a) if not a.startswith("$") else a for a in args)

@@ -181,6 +181,42 @@ def test_two_engine_replicas_give_the_one_process_result(greedy_run, lively_mode
     assert other.returncode == 2 and "error:" in other.stderr and "Traceback" not in other.stderr
 
 
+def test_slurm_nodes_merge_into_the_one_process_result(greedy_run, lively_model, tmp_path, cli):
+    """launch.num_machines=2 with --slurm: the script's per-node command, run as srun would run it on each
+    node, answers every other problem in RUN/nodes/i-of-2; its merge line makes RUN the one-process run."""
+    from conftest import run_sbatch_lines
+
+    reference, _ = greedy_run
+    folder = tmp_path / "nodes"
+    proc = cli("eval", "math500", "--model", str(lively_model), "--data-dir", str(BENCH), "--limit", "8",
+               "--max-new-tokens", "24", "launch.num_machines=2", "launch.num_processes=2", "--slurm",
+               "--run-dir", str(folder), "--json")
+    assert proc.returncode == 0, proc.stderr
+    script = folder / "launch.sbatch"
+    assert json.loads(proc.stdout) == {"status": "written", "run_dir": str(folder), "sbatch": str(script)}
+    text = script.read_text()
+    assert "#SBATCH --nodes=2" in text and "#SBATCH --gpus-per-node=1" in text and "--node $SLURM_NODEID'" in text
+    early = run_sbatch_lines(script, nodes=[1])  # the merge refuses while node 0 has not run
+    assert early[0].returncode == 0, early[0].stderr
+    assert early[1].returncode == 2 and "nodes/0-of-2 has not finished" in early[1].stderr
+    assert "Traceback" not in early[1].stderr
+    node, again, merged = run_sbatch_lines(script, nodes=[0, 1])  # node 1 is done: not rerun
+    assert node.returncode == 0 and again.returncode == 0 and merged.returncode == 0, merged.stderr
+    assert "finished already" in again.stderr
+    for k in range(2):
+        assert [r["index"] for r in _results(folder / "nodes" / f"{k}-of-2")] == list(range(k, 8, 2))
+    got, want = _results(folder), _results(reference)
+    assert [[s["text"] for s in r["samples"]] for r in got] == [[s["text"] for s in r["samples"]] for r in want]
+    summary = json.loads((folder / "summary.json").read_text())
+    ref_summary = json.loads((reference / "summary.json").read_text())
+    for key in ("problems", "score", "pass@k", "maj@k", "generated_tokens", "truncated"):
+        assert summary["tasks"]["math500"][key] == ref_summary["tasks"]["math500"][key]
+    assert summary["nodes"] == [str(folder / "nodes" / f"{k}-of-2") for k in range(2)]
+    assert json.loads((folder / "meta.json").read_text())["status"] == "completed"
+    local = cli("eval", "--resume", "--run-dir", str(folder))  # without --slurm: refused, nothing touched
+    assert local.returncode == 2 and "add --slurm" in local.stderr and _results(folder) == got
+
+
 class AnsweringEngine:
     """A stand-in for a model that answers problem i correctly when i is even (for the scoring path)."""
 

@@ -155,6 +155,23 @@ def test_resume_and_shards_give_the_same_trees_as_one_run(tiny_model, tmp_path):
                   "launch.num_processes=1")
     assert out.returncode == 2 and "2 engine replica(s)" in out.stderr and "Traceback" not in out.stderr
 
+    # two nodes through --slurm: the script's per-node command for each node, then its merge line
+    from conftest import run_sbatch_lines
+
+    nodes = tmp_path / "nodes"
+    out = run_cli("mcts-sample", "--recipe", "quickstart-mcts", *args, "launch.num_machines=2", "launch.num_processes=2",
+                  "--slurm",
+                  "--run-dir", str(nodes))
+    assert out.returncode == 0, out.stderr[-2000:]
+    ran = run_sbatch_lines(nodes / "launch.sbatch")
+    assert all(proc.returncode == 0 for proc in ran), ran[-1].stderr[-2000:]
+    assert read(nodes / "trees.jsonl") == reference
+    for name in ("sft.jsonl", "ppm_pairs.jsonl"):
+        assert (nodes / name).read_text() == (tmp_path / "whole" / name).read_text()
+    summary = json.loads((nodes / "summary.json").read_text())
+    assert summary["solved"] == whole["solved"] and len(summary["nodes"]) == 2
+    assert [len(read(nodes / "nodes" / f"{k}-of-2" / "trees.jsonl")) for k in range(2)] == [3, 3]
+
 
 def test_bad_input_exits_2_with_one_error_line(tiny_model, tmp_path):
     bad = tmp_path / "problems.jsonl"

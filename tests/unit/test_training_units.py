@@ -276,6 +276,58 @@ def test_slurm_script_of_engine_replicas_is_one_worker_with_their_gpus(tmp_path)
     assert "accelerate" not in script and f"-m mathctl.worker {tmp_path.resolve()}/recipe.yaml" in script
 
 
+def test_slurm_script_of_engine_replicas_on_several_nodes(tmp_path):
+    """eval / mcts-sample over 2 nodes: each node runs `--node $SLURM_NODEID` with its share of the replicas'
+    GPUs; the merge line follows srun, so `set -e` skips it when a node failed."""
+    from mathctl.core.config import EngineConfig
+
+    script = render_slurm("eval", LaunchConfig(num_processes=8, num_machines=2), tmp_path,
+                          engine=EngineConfig(tensor_parallel_size=2), one_worker=True)
+    (tmp_path / "launch.sbatch").write_text(script)
+    assert subprocess.run(["bash", "-n", str(tmp_path / "launch.sbatch")]).returncode == 0
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --gpus-per-node=8" in script  # 8 replicas / 2 nodes x 2 GPUs
+    lines = script.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("srun "))
+    assert "--nodes=2 --ntasks-per-node=1 bash -c '" in lines[at] and lines[at].endswith("--node $SLURM_NODEID'")
+    assert lines[at + 1].endswith(f"-m mathctl.worker {tmp_path.resolve()}/recipe.yaml --merge-nodes")
+    assert "set -euo pipefail" in script and "accelerate" not in script
+
+
+def test_node_configs_split_problems_and_replicas():
+    from mathctl.evaluate import EvalConfig
+    from mathctl.evaluate import node_config as eval_node
+    from mathctl.mcts_sample import MCTSConfig
+    from mathctl.mcts_sample import node_config as mcts_node
+    from mathctl.nodes import parse_node
+
+    cfg = EvalConfig.model_validate({"model": {"path": "m"}, "eval": {"tasks": ["gsm8k"], "min_score": 0.5},
+                                     "engine": {"tensor_parallel_size": 2},
+                                     "launch": {"num_processes": 8, "num_machines": 2}})
+    node = eval_node(cfg, 1, 2)
+    assert node.eval.shard == "1/2" and node.replicas == 4 and node.launch.num_machines == 1
+    assert node.eval.min_score is None and cfg.eval.shard is None  # the gate is the merged run's; cfg untouched
+    mcts = MCTSConfig.model_validate({"model": {"path": "m"}, "launch": {"num_processes": 4, "num_machines": 2},
+                                      "engine": {"data_parallel_size": 4}})
+    sub = mcts_node(mcts, 0, 2)
+    assert sub.data.shard == "0/2" and sub.replicas == 2 and sub.launch.num_machines == 1
+    odd = EvalConfig.model_validate({"model": {"path": "m"}, "engine": {"data_parallel_size": 3},
+                                     "launch": {"num_processes": 1}}).model_copy(update={"launch": LaunchConfig(
+                                         num_processes=2, num_machines=2)})
+    with pytest.raises(ConfigError, match="do not split evenly"):
+        eval_node(odd, 0, 2)
+    with pytest.raises(ConfigError, match="0..1"):
+        parse_node("2", 2)
+    with pytest.raises(ValueError, match="drop eval.shard"):
+        EvalConfig.model_validate({"model": {"path": "m"}, "eval": {"shard": "0/2"},
+                                   "launch": {"num_processes": 2, "num_machines": 2}})
+    with pytest.raises(ValueError, match="both count the engine replicas of eval"):
+        EvalConfig.model_validate({"model": {"path": "m"}, "engine": {"data_parallel_size": 4},
+                                   "launch": {"num_processes": 2}})
+    with pytest.raises(ValueError, match="neither --rounds"):
+        MCTSConfig.model_validate({"model": {"path": "m"}, "rounds": {"count": 2},
+                                   "launch": {"num_processes": 2, "num_machines": 2}})
+
+
 def test_replica_gpu_groups(monkeypatch):
     from mathctl.replicas import device_groups, take_slice
 
