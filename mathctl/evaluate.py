@@ -27,7 +27,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import Field, field_validator, model_validator
 
-from mathctl.core.config import EngineConfig, ModelSpec, OutputConfig, SamplingConfig, Strict
+from mathctl.core.config import EngineConfig, ModelSpec, OutputConfig, SamplingConfig, Strict, TrackingConfig
 from mathctl.core.errors import ConfigError, DataError, GateFailed
 from mathctl.core.rundir import RunDir
 from mathctl.grading.graders import GraderName
@@ -100,6 +100,7 @@ class EvalConfig(Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     eval: EvalSection = Field(default_factory=EvalSection)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
@@ -477,9 +478,11 @@ def write_summary(cfg: EvalConfig, run_dir: RunDir, tasks: list[str], *, prompt_
     if gate is not None:
         summary["min_score"] = gate
         summary["gate"] = "failed" if failing else "passed"
-    run_dir.finish("completed", summary)
+    if cfg.eval.replica is None:  # a replica's numbers reach the trackers through the merged run
+        run_dir.track(cfg.tracking, cfg.model_dump(mode="json"))
     for name, entry in out_tasks.items():
         run_dir.log_metrics({"task": name, **{k: v for k, v in entry.items() if k not in ("prompt", "sampling")}})
+    run_dir.finish("completed", summary)
     return summary
 
 
@@ -526,6 +529,7 @@ def run_replicated(cfg: EvalConfig, run_dir: RunDir, problems: dict[str, list]) 
         sub = cfg.model_copy(deep=True)
         sub.engine.data_parallel_size = 1
         sub.eval.replica = f"{k}/{count}"
+        sub.tracking.report_to = []
         sub.eval.min_score = None  # the gate is the merged run's
         configs.append(sub)
     total = sum(len(v) for v in problems.values())

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from mathctl.core.config import EngineConfig, LaunchConfig, ModelSpec, OutputConfig, Strict
+from mathctl.core.config import EngineConfig, LaunchConfig, ModelSpec, OutputConfig, Strict, TrackingConfig
 from mathctl.core.console import log, print_table, progress, warn
 from mathctl.core.errors import ConfigError, DataError
 from mathctl.core.io import append_jsonl, atomic_write_json, atomic_write_text
@@ -136,6 +136,7 @@ class MCTSConfig(Strict):
     rounds: RoundsConfig = Field(default_factory=RoundsConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _check(self) -> MCTSConfig:
@@ -370,6 +371,7 @@ def _run_round_replicated(cfg: MCTSConfig, folder: Path, *, policy: str, prm: st
         data["data"]["replica"] = f"{k}/{count}"
         data["engine"]["data_parallel_size"] = 1
         data["launch"]["num_processes"] = 1
+        data["tracking"]["report_to"] = []  # the merged run reports
         configs.append(MCTSConfig.model_validate(data))
     folders = run_replicas("mcts", configs, folder, engine=cfg.engine, rows_file="trees.jsonl", total=len(problems),
                            label=f"{label} ({cfg.search.mode})")
@@ -460,12 +462,14 @@ def run_rounds(cfg: MCTSConfig, run_dir: RunDir, problems: list[dict[str, Any]])
     for k in range(1, r.count + 1):
         folder = run_dir.path / f"round_{k}"
         round_cfg = cfg if k == 1 else _with_overrides(cfg, r.search_overrides)
-        summary = RunDir(folder).completed_summary() or run_round(round_cfg, folder, policy=policy, prm=prm,
-                                                                      label=f"round {k}",
-                                                                      problems=problems if round_cfg.data == cfg.data else None)
+        done = RunDir(folder).completed_summary()
+        summary = done or run_round(round_cfg, folder, policy=policy, prm=prm, label=f"round {k}",
+                                    problems=problems if round_cfg.data == cfg.data else None)
         rows.append({"round": k, "policy": policy, "prm": prm, **{key: summary[key] for key in (
             "problems", "solved", "solve_rate", "correct", "accuracy", "mean_tree_size", "sft_rows", "ppm_pairs",
             "engine_calls", "seconds")}})
+        if done is None:
+            run_dir.log_metrics(rows[-1])
         log(f"round {k}: solve rate {summary['solve_rate']:.3f} ({summary['solved']}/{summary['problems']}), "
             f"{summary['sft_rows']} sft traces, {summary['ppm_pairs']} ppm pairs")
         atomic_write_text(run_dir.path / "rounds.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
@@ -527,11 +531,14 @@ def run(cfg: MCTSConfig, run_dir: RunDir) -> dict[str, Any]:
     check_layout(run_dir, cfg.replicas)
     if cfg.steps.kind == "code":  # before any model loads too: a machine that cannot isolate code fails first
         run_dir.update_meta(sandbox=check_sandbox(cfg.sandbox))
+    run_dir.track(cfg.tracking, cfg.model_dump(mode="json"))
     if cfg.rounds.count > 1:
         summary = run_rounds(cfg, run_dir, problems)
     else:
         summary = run_round(cfg, run_dir.path, policy=cfg.model.path, prm=cfg.prm, problems=problems)
         print_table(rounds_table([{"round": 1, **summary}]))
+        run_dir.log_metrics({"round": 1, **{key: value for key, value in summary.items()
+                                            if isinstance(value, (int, float)) and not isinstance(value, bool)}})
     summary["run_dir"] = str(run_dir.path)
     summary.setdefault("sandbox", run_dir.read_meta().get("sandbox"))
     run_dir.finish("completed", summary)
