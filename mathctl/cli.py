@@ -163,6 +163,11 @@ def run_step(step: str, *, recipe: str | None, overrides: list[str] | None, alia
         if memory and memory.warning():
             warn(memory.warning())
         return
+    tracking = getattr(cfg, "tracking", None)
+    if tracking is not None and not slurm:
+        from mathctl.tracking import require
+
+        require(tracking.report_to)  # a missing tracker fails before a run folder exists
     launch = getattr(cfg, "launch", None)
     if slurm and launch is None:
         raise ConfigError(f"mathctl {command or step} runs here, stage by stage; it has no --slurm",
@@ -692,6 +697,9 @@ def eval_cmd(
         if cfg.eval.prm:
             resolve_model_path(cfg.eval.prm)  # a missing reward model fails before a run folder exists
         problems = evaluate.load_tasks(cfg)  # unknown files fail here, before a run folder exists
+        from mathctl.tracking import require
+
+        require(cfg.tracking.report_to)
     if run_dir is None:
         import datetime as _dt
         import re as _re

@@ -27,7 +27,15 @@ from typing import Any, Literal, Protocol
 
 from pydantic import Field, field_validator, model_validator
 
-from mathctl.core.config import EngineConfig, LaunchConfig, ModelSpec, OutputConfig, SamplingConfig, Strict
+from mathctl.core.config import (
+    EngineConfig,
+    LaunchConfig,
+    ModelSpec,
+    OutputConfig,
+    SamplingConfig,
+    Strict,
+    TrackingConfig,
+)
 from mathctl.core.errors import ConfigError, DataError, GateFailed
 from mathctl.core.rundir import RunDir
 from mathctl.grading.graders import GraderName
@@ -103,6 +111,7 @@ class EvalConfig(Strict):
         default_factory=LaunchConfig, description="num_processes: engine replicas over all machines (the same as "
         "engine.data_parallel_size); num_machines > 1 and slurm: one slice of the problems per node, through --slurm.")
     output: OutputConfig = Field(default_factory=OutputConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
@@ -504,9 +513,11 @@ def write_summary(cfg: EvalConfig, run_dir: RunDir, tasks: list[str], *, prompt_
     if gate is not None:
         summary["min_score"] = gate
         summary["gate"] = "failed" if failing else "passed"
-    run_dir.finish("completed", summary)
+    if cfg.eval.replica is None:  # a replica's numbers reach the trackers through the merged run
+        run_dir.track(cfg.tracking, cfg.model_dump(mode="json"))
     for name, entry in out_tasks.items():
         run_dir.log_metrics({"task": name, **{k: v for k, v in entry.items() if k not in ("prompt", "sampling")}})
+    run_dir.finish("completed", summary)
     return summary
 
 
@@ -553,6 +564,7 @@ def run_replicated(cfg: EvalConfig, run_dir: RunDir, problems: dict[str, list]) 
         sub.engine.data_parallel_size = 1
         sub.launch = LaunchConfig()
         sub.eval.replica = f"{k}/{count}"
+        sub.tracking.report_to = []
         sub.eval.min_score = None  # the gate is the merged run's
         configs.append(sub)
     total = sum(len(v) for v in problems.values())
@@ -584,6 +596,7 @@ def node_config(cfg: EvalConfig, node: int, machines: int) -> EvalConfig:
     sub.launch = LaunchConfig()
     sub.eval.shard = f"{node}/{machines}"
     sub.eval.min_score = None  # the gate is the merged run's
+    sub.tracking.report_to = []  # and so are the trackers
     return sub
 
 

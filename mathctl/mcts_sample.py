@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from mathctl.core.config import EngineConfig, LaunchConfig, ModelSpec, OutputConfig, Strict
+from mathctl.core.config import EngineConfig, LaunchConfig, ModelSpec, OutputConfig, Strict, TrackingConfig
 from mathctl.core.console import log, print_table, progress, warn
 from mathctl.core.errors import ConfigError, DataError
 from mathctl.core.io import append_jsonl, atomic_write_json, atomic_write_text
@@ -136,6 +136,7 @@ class MCTSConfig(Strict):
     rounds: RoundsConfig = Field(default_factory=RoundsConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _check(self) -> MCTSConfig:
@@ -369,6 +370,7 @@ def _run_round_replicated(cfg: MCTSConfig, folder: Path, *, policy: str, prm: st
         data["data"]["replica"] = f"{k}/{count}"
         data["engine"]["data_parallel_size"] = 1
         data["launch"]["num_processes"] = 1
+        data["tracking"]["report_to"] = []  # the merged run reports
         configs.append(MCTSConfig.model_validate(data))
     folders = run_replicas("mcts", configs, folder, engine=cfg.engine, rows_file="trees.jsonl", total=len(problems),
                            label=f"{label} ({cfg.search.mode})")
@@ -404,6 +406,7 @@ def node_config(cfg: MCTSConfig, node: int, machines: int) -> MCTSConfig:
     data["data"]["shard"] = f"{node}/{machines}"
     data["engine"]["data_parallel_size"] = per_node_replicas(cfg.replicas, machines)
     data["launch"].update(num_machines=1, num_processes=1)
+    data["tracking"]["report_to"] = []  # the merged run reports
     return MCTSConfig.model_validate(data)
 
 
@@ -411,7 +414,15 @@ def merge_nodes(cfg: MCTSConfig, run_dir: RunDir, folders: list[Path]) -> dict[s
     summary = _merge_folders(cfg, run_dir.path, folders, load_problems(cfg.data))
     summary.update(policy=cfg.model.path, prm=cfg.prm, nodes=[str(f) for f in folders], run_dir=str(run_dir.path))
     print_table(rounds_table([{"round": 1, **summary}]))
+    run_dir.track(cfg.tracking, cfg.model_dump(mode="json"))
+    _log_round(run_dir, summary)
     return summary
+
+
+def _log_round(run_dir: RunDir, summary: dict[str, Any]) -> None:
+    """A one-round search's numbers as a metrics record (round 1), for metrics.jsonl and the trackers."""
+    run_dir.log_metrics({"round": 1, **{key: value for key, value in summary.items()
+                                        if isinstance(value, (int, float)) and not isinstance(value, bool)}})
 
 
 def check_sandbox(section: SandboxSection) -> dict[str, Any]:
@@ -488,12 +499,14 @@ def run_rounds(cfg: MCTSConfig, run_dir: RunDir, problems: list[dict[str, Any]])
     for k in range(1, r.count + 1):
         folder = run_dir.path / f"round_{k}"
         round_cfg = cfg if k == 1 else _with_overrides(cfg, r.search_overrides)
-        summary = RunDir(folder).completed_summary() or run_round(round_cfg, folder, policy=policy, prm=prm,
-                                                                      label=f"round {k}",
-                                                                      problems=problems if round_cfg.data == cfg.data else None)
+        done = RunDir(folder).completed_summary()
+        summary = done or run_round(round_cfg, folder, policy=policy, prm=prm, label=f"round {k}",
+                                    problems=problems if round_cfg.data == cfg.data else None)
         rows.append({"round": k, "policy": policy, "prm": prm, **{key: summary[key] for key in (
             "problems", "solved", "solve_rate", "correct", "accuracy", "mean_tree_size", "sft_rows", "ppm_pairs",
             "engine_calls", "seconds")}})
+        if done is None:
+            run_dir.log_metrics(rows[-1])
         log(f"round {k}: solve rate {summary['solve_rate']:.3f} ({summary['solved']}/{summary['problems']}), "
             f"{summary['sft_rows']} sft traces, {summary['ppm_pairs']} ppm pairs")
         atomic_write_text(run_dir.path / "rounds.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
@@ -559,11 +572,13 @@ def run(cfg: MCTSConfig, run_dir: RunDir) -> dict[str, Any]:
     check_layout(run_dir, cfg.replicas)
     if cfg.steps.kind == "code":  # before any model loads too: a machine that cannot isolate code fails first
         run_dir.update_meta(sandbox=check_sandbox(cfg.sandbox))
+    run_dir.track(cfg.tracking, cfg.model_dump(mode="json"))
     if cfg.rounds.count > 1:
         summary = run_rounds(cfg, run_dir, problems)
     else:
         summary = run_round(cfg, run_dir.path, policy=cfg.model.path, prm=cfg.prm, problems=problems)
         print_table(rounds_table([{"round": 1, **summary}]))
+        _log_round(run_dir, summary)
     summary["run_dir"] = str(run_dir.path)
     summary.setdefault("sandbox", run_dir.read_meta().get("sandbox"))
     run_dir.finish("completed", summary)

@@ -55,6 +55,7 @@ from mathctl.core.config import (
     ModelSpec,
     OutputConfig,
     Strict,
+    TrackingConfig,
     TrainBase,
     check_lora_launch,
 )
@@ -120,6 +121,7 @@ class RMConfig(Strict):
     lora: LoraSpec = Field(default_factory=LoraSpec)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _check(self) -> RMConfig:
@@ -348,6 +350,8 @@ def run(cfg: RMConfig, run_dir: RunDir) -> dict[str, Any]:
     from mathctl.core.io import atomic_write_json, atomic_write_text
 
     dist = training.init_distributed(cfg.launch)
+    if dist.is_main:
+        run_dir.track(cfg.tracking, cfg.model_dump(mode="json"))
     training.set_seed(cfg.train.seed)
     tokenizer = models.load_tokenizer(cfg.model)
     if dist.is_main:

@@ -26,6 +26,7 @@ from mathctl.core.config import (
     ModelSpec,
     OutputConfig,
     Strict,
+    TrackingConfig,
     check_lora_launch,
 )
 from mathctl.core.console import console, log, progress
@@ -98,6 +99,7 @@ class SFTConfig(Strict):
     lora: LoraSpec = Field(default_factory=LoraSpec)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _check(self) -> SFTConfig:
@@ -342,6 +344,8 @@ def run(cfg: SFTConfig, run_dir: RunDir) -> dict[str, Any]:
 
     # --- setup
     dist = training.init_distributed(cfg.launch)
+    if dist.is_main:
+        run_dir.track(cfg.tracking, cfg.model_dump(mode="json"))
     training.set_seed(cfg.train.seed)
     tokenizer = models.load_tokenizer(cfg.model)
     chat_template = tokenizer.chat_template

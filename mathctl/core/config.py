@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mathctl.core.errors import ConfigError
 
@@ -108,6 +108,24 @@ class OutputConfig(Strict):
         True, description="Also write a Hugging Face folder inside each checkpoint (for eval); final/ is always written."
     )
     plots: bool = Field(True, description="Write plots/*.png at the end of the run.")
+
+
+class TrackingConfig(Strict):
+    """Experiment trackers that receive the run's metrics (the records of metrics.jsonl) and its config."""
+
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = Field(
+        default_factory=list, description="Trackers to send metrics to, e.g. [tensorboard, wandb]; each is an "
+        "optional dependency (pip install 'mathctl[tracking]' for tensorboard and wandb; trackio, mlflow-skinny).")
+    project: str = Field("mathctl", description="wandb/trackio project, mlflow experiment.")
+    run_name: str | None = Field(None, description="Run name in the trackers; default: the run folder's name.")
+    wandb_mode: Literal["auto", "online", "offline"] = Field(
+        "auto", description="auto: online when logged in (WANDB_API_KEY or a netrc entry; WANDB_MODE wins), else "
+        "offline into RUN/wandb (upload later with `wandb sync`).")
+
+    @field_validator("report_to")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
 
 
 # --- loading ----------------------------------------------------------------------------------

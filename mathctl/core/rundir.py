@@ -86,6 +86,7 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.trackers = None  # mathctl.tracking.Trackers once `track` opened them
 
     # --- paths ---------------------------------------------------------------------------------
     @property
@@ -210,6 +211,24 @@ class RunDir:
         if summary is not None:
             atomic_write_json(self.summary_path, summary)
         self.update_meta(status=status, ended=now())
+        self.close_trackers()
+
+    # --- experiment trackers (mathctl/tracking.py) -----------------------------------------------
+    def track(self, tracking: Any, config: dict[str, Any]) -> None:
+        """Open the trackers of `tracking.report_to` (call on the main process only); from then on every
+        `log_metrics` record goes to them too."""
+        if not tracking.report_to or self.trackers is not None:
+            return
+        from mathctl.tracking import Trackers
+
+        state = dict(self.read_meta().get("tracking") or {})
+        self.trackers = Trackers(tracking, self.path, config, state)
+        self.update_meta(tracking={"report_to": list(tracking.report_to), **state})
+
+    def close_trackers(self) -> None:
+        if self.trackers is not None:
+            trackers, self.trackers = self.trackers, None
+            trackers.close()
 
     @contextmanager
     def failing(self) -> Iterator[None]:
@@ -220,13 +239,17 @@ class RunDir:
             yield
         except MathctlError as exc:
             self.update_meta(status="failed", error=exc.message)
+            self.close_trackers()
             raise
         except BaseException:
             self.update_meta(status="failed")
+            self.close_trackers()
             raise
 
     def log_metrics(self, record: dict[str, Any]) -> None:
         append_jsonl(self.metrics_path, record)
+        if self.trackers is not None:
+            self.trackers.log(record)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
