@@ -6,18 +6,47 @@ One step of a run:
    inference engine (transformers here; vLLM on GPU), seeded by (train.seed + step, prompt index), so
    a resumed run draws exactly the samples an uninterrupted one would;
 2. score them with the recipe's reward functions (`rewards.weights`, mathctl.rewards: the eval grader,
-   time-limited in worker processes);
-3. advantages within each group: A = r - mean(group), divided by the group's std (unbiased, + 1e-4)
-   when `grpo.scale_rewards: group` (the default; `none` for Dr. GRPO);
+   time-limited in worker processes); with `grpo.overlong_buffer: N > 0`, DAPO's soft overlong
+   punishment is added to each total, from the completion's length L in tokens (EOS included) and
+   Lmax = `grpo.max_completion_len`:
+       0                                           L <= Lmax - N
+       ((Lmax - N) - L) / N * overlong_penalty     Lmax - N < L <= Lmax   (falls linearly to -overlong_penalty)
+3. advantages, by `grpo.advantage`:
+       grpo          A = r - mean(group), divided by the group's std (unbiased, + 1e-4) when
+                     `grpo.scale_rewards: group` (the default; `none` for Dr. GRPO)
+       rloo          A = r - mean of the other G - 1 rewards of the group = G / (G - 1) * (r - mean(group)),
+                     no std (RLOO, Ahmadian et al. 2024)
+       reinforce_pp  c = r - mean(group), then whitened over the step's batch: A = (c - mu) / sqrt(var + 1e-8),
+                     mu and var (unbiased) over every completion token that carries loss, all processes
+                     together: a completion counts once per token (REINFORCE++-baseline, Hu 2025; verl's
+                     compute_reinforce_plus_plus_baseline_outcome_advantage whitens the same way over its
+                     response mask). Completions dropped by filter_groups or mask_truncated are left out of mu and
+                     var, as if they were not in the batch
+   rloo and reinforce_pp take no group std (`scale_rewards: group` with them is refused);
 4. `grpo.epochs` passes over the rollout batch, each split into `grpo.mini_batches` optimiser steps,
-   minimising the clipped surrogate per completion token t:
-       ratio_t  = exp(logp_t - logp_old_t)            (logp_old: the policy that generated the batch)
-       pg_t     = -min(ratio_t * A, clip(ratio_t, 1 - epsilon_low, 1 + epsilon_high) * A)
+   minimising per completion token t (logp_old: the policy that generated the batch; with one
+   optimiser step per rollout logp_old = logp and every ratio is 1, so clipping never acts):
+       ratio_t  = exp(logp_t - logp_old_t)
+       pg_t     = -min(ratio_t * A, clip(ratio_t, 1 - epsilon_low, 1 + epsilon_high) * A)   (grpo, dapo, dr_grpo)
        kl_t     = exp(ref_t - logp_t) - (ref_t - logp_t) - 1     (k3, only when beta > 0)
        loss_t   = w_t * pg_t + beta * kl_t                       (w_t: mismatch correction, below; else 1)
+   Two other policy-gradient terms replace pg_t:
+       gspo     GSPO (Zheng et al. 2025): one ratio per completion, the geometric mean of its token ratios,
+                s = exp(mean_t (logp_t - logp_old_t)), clipped per completion. Written per token as the
+                paper's GSPO-token and verl's compute_policy_loss_gspo do, s_t = sg[s] * exp(logp_t - sg[logp_t])
+                (sg: no gradient; s_t equals s in value), and pg_t = -min(s_t * A, clip(s_t, 1 - epsilon_low,
+                1 + epsilon_high) * A); averaged per completion, its gradient is s * A * mean_t grad logp_t, or 0
+                when s is clipped: the same value and gradient as the sequence form (TRL's
+                importance_sampling_level="sequence" computes that form directly)
+       cispo    CISPO (MiniMax-M1, 2025): pg_t = -sg[clip(ratio_t, 1 - epsilon_low, 1 + epsilon_high)] * A * logp_t,
+                the clipped ratio a constant weight: every token keeps its gradient (none is dropped by
+                clipping). The two-sided bounds are verl's (compute_policy_loss_cispo; TRL caps the raw ratio
+                at epsilon_high instead); a large epsilon_low (verl's example: 10) leaves no lower bound,
+                as the paper does
    aggregated by `grpo.loss_type`:
-       grpo     mean over each completion's tokens, then mean over completions
-       dapo     sum over all completion tokens / number of completion tokens (token-level)
+       grpo     mean over each completion's tokens, then mean over completions (also gspo: the paper's
+                sequence mean)
+       dapo     sum over all completion tokens / number of completion tokens (token-level; also cispo)
        dr_grpo  sum over all completion tokens / (completions * max_completion_len) (no length bias;
                 with `scale_rewards: none` by default)
    The normaliser is the whole optimiser step's (every micro-batch, every process), so gradient
@@ -26,7 +55,8 @@ One step of a run:
 
 Masks: only completion tokens (the EOS included) carry loss; prompt and padding never do.
 `grpo.mask_truncated` drops completions cut by `max_completion_len`; `grpo.filter_groups` drops
-groups whose rewards are all equal (they carry no advantage, only dilution of the normaliser).
+groups whose rewards are all equal (under grpo and rloo advantages they carry none, only dilution of the
+normaliser; under reinforce_pp the batch whitening gives them -mu / std).
 
 log-probabilities are taken from `logits / temperature`, the distribution the engine sampled from;
 with `top_p < 1` or `top_k` the engine samples from a truncated distribution and the ratio is against
@@ -111,13 +141,24 @@ class GRPOSpec(Strict):
     prompts_per_step: int = Field(16, ge=1, description="Prompts per rollout step, over all processes.")
     epochs: int = Field(1, ge=1, description="Optimisation passes over each rollout batch (TRL num_iterations, verl ppo_epochs).")
     mini_batches: int = Field(1, ge=1, description="Optimiser steps per pass (the rollout batch split evenly).")
-    loss_type: Literal["grpo", "dapo", "dr_grpo"] = Field(
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "gspo", "cispo"] = Field(
         "dapo", description="grpo: per-completion token mean, then mean; dapo: token-level mean over the step; "
-        "dr_grpo: token sum / (completions * max_completion_len).")
+        "dr_grpo: token sum / (completions * max_completion_len); gspo: GSPO's sequence-level ratio (the geometric "
+        "mean of the completion's token ratios) clipped per completion, aggregated like grpo; cispo: CISPO, the "
+        "clipped ratio as a no-gradient weight on A * logp of every token, aggregated like dapo. The clip ranges "
+        "only act when logp_old differs from logp: grpo.epochs > 1 or grpo.mini_batches > 1.")
+    advantage: Literal["grpo", "rloo", "reinforce_pp"] = Field(
+        "grpo", description="grpo: reward minus the group mean (divided by the group std per scale_rewards); rloo: "
+        "reward minus the mean of the other G - 1 rewards of the group, no std; reinforce_pp: REINFORCE++-baseline, "
+        "reward minus the group mean, then whitened by the mean and std over the step's completion tokens that carry "
+        "loss (all processes). rloo and reinforce_pp refuse scale_rewards=group.")
     scale_rewards: Literal["group", "none", "auto"] = Field(
-        "auto", description="Divide advantages by the group's reward std (group) or not (none); auto: none for dr_grpo.")
-    epsilon_low: float = Field(0.2, ge=0, description="Lower clip: ratio >= 1 - epsilon_low.")
-    epsilon_high: float | None = Field(None, ge=0, description="Upper clip (clip-higher, DAPO 0.28); default epsilon_low.")
+        "auto", description="Divide advantages by the group's reward std (group) or not (none); auto: group for "
+        "advantage=grpo, except none for dr_grpo; none for rloo and reinforce_pp.")
+    epsilon_low: float = Field(0.2, ge=0, description="Lower clip: ratio >= 1 - epsilon_low (gspo: of the sequence "
+                               "ratio; cispo: of the weight, where >= 1 means no lower bound). GSPO's paper uses 3e-4.")
+    epsilon_high: float | None = Field(None, ge=0, description="Upper clip (clip-higher, DAPO 0.28); default "
+                                       "epsilon_low. GSPO's paper uses 4e-4 (sequence ratios stay near 1).")
     beta: float = Field(0.0, ge=0, description="KL coefficient (k3 estimator); 0 builds no reference model.")
     max_prompt_len: int = Field(512, ge=1, description="Prompts longer than this (tokens) are dropped at load, counted.")
     max_completion_len: int = Field(1024, ge=1, description="Tokens generated at most per completion.")
@@ -127,6 +168,11 @@ class GRPOSpec(Strict):
     stop: list[str] = Field(default_factory=list, description="Extra stop strings for rollouts.")
     mask_truncated: bool = Field(False, description="No loss on completions cut by max_completion_len.")
     filter_groups: bool = Field(False, description="No loss on groups whose rewards are all equal.")
+    overlong_buffer: int = Field(
+        0, ge=0, description="DAPO's soft overlong punishment, in tokens: a completion longer than "
+        "max_completion_len - overlong_buffer gets a penalty growing linearly to -overlong_penalty at "
+        "max_completion_len, added to its reward (logged as overlong_penalty). 0: off.")
+    overlong_penalty: float = Field(1.0, ge=0, description="The penalty at max_completion_len when overlong_buffer > 0.")
     is_correction: Literal["auto", "none", "tis", "mis"] = Field(
         "auto", description="Engine/trainer mismatch correction of the policy-gradient term, with the weight "
         "w = pi_trainer_old / pi_engine of the sampled tokens: tis truncates it at is_cap; mis zeroes it outside "
@@ -180,6 +226,15 @@ class GRPOConfig(Strict):
         if local % self.grpo.mini_batches:
             raise ValueError(f"each process's {local} completions per step do not split into grpo.mini_batches="
                              f"{self.grpo.mini_batches} equal parts")
+        if self.grpo.advantage != "grpo" and self.grpo.scale_rewards == "group":
+            what = ("RLOO's baseline is the mean of the other completions, with no std" if self.grpo.advantage == "rloo"
+                    else "REINFORCE++ normalises by the std over the whole batch, not per group")
+            raise ValueError(f"grpo.scale_rewards=group divides by each group's reward std, which grpo.advantage="
+                             f"{self.grpo.advantage} does not do ({what}); set grpo.scale_rewards=auto (or none), or "
+                             "grpo.advantage=grpo")
+        if self.grpo.overlong_buffer >= self.grpo.max_completion_len:
+            raise ValueError(f"grpo.overlong_buffer ({self.grpo.overlong_buffer}) must be below grpo.max_completion_len "
+                             f"({self.grpo.max_completion_len}): the penalty starts that many tokens before the limit")
         if self.grpo.is_floor is not None:
             if self.grpo.is_correction != "mis":
                 raise ValueError(f"grpo.is_floor applies to grpo.is_correction=mis only (got "
@@ -199,7 +254,7 @@ class GRPOConfig(Strict):
     @property
     def std_scaling(self) -> bool:
         mode = self.grpo.scale_rewards
-        return mode == "group" or (mode == "auto" and self.grpo.loss_type != "dr_grpo")
+        return mode == "group" or (mode == "auto" and self.grpo.advantage == "grpo" and self.grpo.loss_type != "dr_grpo")
 
     @property
     def epsilon_high(self) -> float:
@@ -213,35 +268,90 @@ class GRPOConfig(Strict):
 # --- the objective ----------------------------------------------------------------------------
 
 
-def group_advantages(rewards: list[float], group_size: int, scale: bool) -> tuple[list[float], list[bool]]:
+def overlong_penalties(lengths: list[int], max_len: int, buffer: int, penalty: float) -> list[float]:
+    """DAPO's soft overlong punishment per completion length (tokens): 0 up to `max_len - buffer`, then
+    falling linearly to -`penalty` at `max_len` (and no lower past it). `buffer` 0: all zeros."""
+    if buffer <= 0:
+        return [0.0] * len(lengths)
+    start = max_len - buffer
+    return [-min(max(length - start, 0), buffer) / buffer * penalty for length in lengths]
+
+
+def group_advantages(rewards: list[float], group_size: int, scale: bool,
+                     estimator: str = "grpo") -> tuple[list[float], list[bool]]:
     """Per-completion advantages (consecutive runs of `group_size` form a group) and, per completion,
-    whether its group's rewards were all equal."""
+    whether its group's rewards were all equal. `estimator`: grpo (r - mean, divided by the group's
+    std when `scale`), rloo (r - mean of the others), reinforce_pp (r - mean; `batch_whiten` follows)."""
+    if estimator not in ("grpo", "rloo", "reinforce_pp"):
+        raise ValueError(f"unknown advantage estimator {estimator}")
     out, flat = [], []
     for start in range(0, len(rewards), group_size):
         group = rewards[start:start + group_size]
-        mean = sum(group) / len(group)
-        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (len(group) - 1)) if len(group) > 1 else 0.0
+        n = len(group)
+        mean = sum(group) / n
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (n - 1)) if n > 1 else 0.0
         same = max(group) - min(group) == 0
         for r in group:
-            out.append((r - mean) / (std + ADV_EPS) if scale else r - mean)
+            if estimator == "rloo":  # r - (sum - r) / (n - 1), written through the mean
+                out.append(n / (n - 1) * (r - mean) if n > 1 else 0.0)
+            elif estimator == "grpo" and scale:
+                out.append((r - mean) / (std + ADV_EPS))
+            else:
+                out.append(r - mean)
             flat.append(same)
     return out, flat
 
 
+def batch_whiten(values: list[float], weights: list[float], reduce=None) -> list[float]:
+    """(v - mu) / sqrt(var + 1e-8) with mu and the unbiased var weighted by `weights` (REINFORCE++: the
+    completion token counts, 0 for completions that carry no loss). `reduce` sums a list of floats over
+    processes (Dist.all_reduce_sum), so every process whitens with the whole step's statistics. Fewer than
+    two weighted tokens in all: var 0."""
+    total, first, second = sum(weights), sum(w * v for w, v in zip(weights, values)), \
+        sum(w * v * v for w, v in zip(weights, values))
+    if reduce is not None:
+        total, first, second = reduce([total, first, second])
+    mean = first / total if total > 0 else 0.0
+    var = max(second - total * mean * mean, 0.0) / (total - 1) if total > 1 else 0.0  # float64 sums: rewards are O(1)
+    scale = 1.0 / math.sqrt(var + 1e-8)
+    return [(v - mean) * scale for v in values]
+
+
 def token_losses(logps, old_logps, advantages, mask, *, epsilon_low: float, epsilon_high: float, beta: float = 0.0,
-                 ref_logps=None, is_weights=None) -> dict[str, Any]:
-    """Per-token loss terms. Tensors are (batch, tokens); `advantages` is (batch,). `is_weights`
-    (constants, from `importance_weights`) multiply the clipped surrogate, not the KL term. Returns the
-    per-token loss and the clip/KL statistics (masked tokens are zeroed)."""
+                 ref_logps=None, is_weights=None, loss_type: str = "dapo") -> dict[str, Any]:
+    """Per-token loss terms. Tensors are (batch, tokens) [B, T]; `advantages` is (batch,). `loss_type`
+    picks the policy-gradient term (gspo and cispo their own, the others PPO's clipped surrogate; see the
+    module docstring). `is_weights` (constants, from `importance_weights`) multiply the policy-gradient
+    term, not the KL term. Returns the per-token loss and the clip/KL statistics (masked tokens are
+    zeroed). `clipped` marks tokens whose gradient the clipping changed: per token for the PPO
+    surrogate, every token of a clipped completion for gspo, every token whose weight was clipped for cispo."""
     import torch
 
     mask = mask.to(logps.dtype)
     on = mask > 0  # padding and masked completions: log-ratio 0, so no inf/nan can leak through `* mask`
-    ratio = torch.exp(torch.where(on, logps - old_logps, torch.zeros_like(logps)))
+    zero = torch.zeros_like(logps)
+    log_ratio = torch.where(on, logps - old_logps, zero)
     adv = advantages[:, None].to(logps.dtype)
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * adv
-    per_token = -torch.min(unclipped, clipped)
+    low_bound, high_bound = 1 - epsilon_low, 1 + epsilon_high
+    if loss_type == "cispo":
+        # bounds as verl's compute_policy_loss_cispo, [1 - epsilon_low, 1 + epsilon_high] (TRL's cispo instead
+        # caps the raw ratio at epsilon_high, with no lower bound)
+        ratio = torch.exp(log_ratio)
+        weight = torch.clamp(ratio, low_bound, high_bound).detach()  # a constant: no gradient through the ratio
+        per_token = -weight * adv * torch.where(on, logps, zero)
+        hit = (ratio < low_bound) | (ratio > high_bound)
+    else:
+        if loss_type == "gspo":
+            # s = exp(mean of the completion's log-ratios) [B, 1]; per token sg[s] * pi_t / sg[pi_t], the same
+            # value as s with gradient s * grad logp_t (0 off the mask: the where keeps padding out)
+            lengths = mask.sum(-1, keepdim=True).clamp(min=1)
+            seq_log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / lengths
+            ratio = torch.exp(torch.where(on, logps - logps.detach(), zero) + seq_log_ratio.detach())
+        else:
+            ratio = torch.exp(log_ratio)
+        per_token = -torch.min(ratio * adv, torch.clamp(ratio, low_bound, high_bound) * adv)
+        # clipping is active where the clipped branch is the smaller one and differs (its gradient is 0)
+        hit = ((ratio < low_bound) & (adv < 0)) | ((ratio > high_bound) & (adv > 0))
     if is_weights is not None:
         per_token = per_token * is_weights.detach()
     kl = None
@@ -251,10 +361,7 @@ def token_losses(logps, old_logps, advantages, mask, *, epsilon_low: float, epsi
         delta = torch.where(on, ref_logps - logps, torch.zeros_like(logps))
         kl = torch.exp(delta) - delta - 1
         per_token = per_token + beta * kl
-    # clipping is active where the clipped branch is the smaller one and differs (its gradient is 0)
-    low = (ratio < 1 - epsilon_low) & (adv < 0)
-    high = (ratio > 1 + epsilon_high) & (adv > 0)
-    return {"loss": per_token * mask, "kl": None if kl is None else kl * mask, "clipped": (low | high).to(logps.dtype) * mask,
+    return {"loss": per_token * mask, "kl": None if kl is None else kl * mask, "clipped": hit.to(logps.dtype) * mask,
             "mask": mask}
 
 
@@ -301,7 +408,9 @@ def importance_weights(old_logps, engine_logps, mask, *, mode: str, level: str, 
 
 def aggregate(per_token, mask, loss_type: str, *, num_sequences: float, num_tokens: float, max_completion_len: int):
     """The step's loss contribution of this micro-batch. `num_sequences` / `num_tokens` are the whole
-    optimiser step's counts (all micro-batches, all processes)."""
+    optimiser step's counts (all micro-batches, all processes). gspo aggregates like grpo (per-completion
+    means: GSPO's objective is a mean over sequences), cispo like dapo (MiniMax-M1's token-level mean)."""
+    loss_type = {"gspo": "grpo", "cispo": "dapo"}.get(loss_type, loss_type)
     if loss_type == "grpo":
         lengths = mask.sum(-1).clamp(min=1)
         return (per_token.sum(-1) / lengths).sum() / max(num_sequences, 1)
@@ -696,14 +805,22 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
                                       "engine_logprobs": s.logprobs, "prompt": messages[-1]["content"]})
                 totals, per_fn = cfg.rewards.compute([it["prompt"] for it in items], [it["text"] for it in items],
                                                      [it["answer"] for it in items])
+                # DAPO's soft overlong punishment, in tokens; part of the reward (and of `reward` in the metrics)
+                overlong = overlong_penalties([len(it["completion_ids"]) for it in items], g.max_completion_len,
+                                              g.overlong_buffer, g.overlong_penalty)
+                totals = [t + p for t, p in zip(totals, overlong)]
                 reward_s = time.perf_counter() - t0
 
                 # 3. advantages and masks
-                advantages, flat = group_advantages(totals, g.group_size, cfg.std_scaling)
+                advantages, flat = group_advantages(totals, g.group_size, cfg.std_scaling, g.advantage)
                 for k, it in enumerate(items):
-                    it["advantage"] = advantages[k]
                     it["reward"] = totals[k]
                     it["active"] = not ((g.filter_groups and flat[k]) or (g.mask_truncated and it["truncated"]))
+                if g.advantage == "reinforce_pp":  # whitened over the step's loss-carrying tokens, every process's
+                    advantages = batch_whiten(advantages, [float(len(it["completion_ids"])) * it["active"] for it in items],
+                                              reduce=dist.all_reduce_sum)
+                for k, it in enumerate(items):
+                    it["advantage"] = advantages[k]
 
                 # 4. optimisation
                 t0 = time.perf_counter()
@@ -760,7 +877,8 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
                                 ref_t = _pad_rows([refs[i] for i in chunk_ids], logps) if refs is not None else None
                                 adv = torch.tensor([it["advantage"] for it in chunk], device=dist.device)
                                 terms = token_losses(logps, old_t, adv, mask, epsilon_low=eps_low, epsilon_high=eps_high,
-                                                     beta=g.beta, ref_logps=ref_t, is_weights=weights)
+                                                     beta=g.beta, ref_logps=ref_t, is_weights=weights,
+                                                     loss_type=g.loss_type)
                                 loss = aggregate(terms["loss"], mask, g.loss_type, num_sequences=n_seq, num_tokens=n_tok,
                                                  max_completion_len=g.max_completion_len)
                                 (loss * dist.world).backward()  # FSDP/DDP average over ranks; the loss is already global
@@ -794,12 +912,12 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
                     local_stats["entropy"], local_stats["loss"],
                     sum(per_fn["correctness"]) if "correctness" in per_fn else 0.0,
                     meter.weight_sum, meter.weight_count, meter.hits,
-                    no_answer_count([it["text"] for it in items]),
+                    no_answer_count([it["text"] for it in items]), sum(overlong),
                 ])
                 count, r_sum, r_sq = sums[0], sums[1], sums[2]
                 fn_sums = sums[3:3 + len(reward_names)]
                 (len_sum, trunc, zero_groups, active_n, tok, active_tok, clipped, kl, entropy, loss_sum, correct,
-                 weight_sum, weight_count, weight_hits, no_answer) = sums[3 + len(reward_names):]
+                 weight_sum, weight_count, weight_hits, no_answer, overlong_sum) = sums[3 + len(reward_names):]
                 weight_max, neg_weight_min = _all_reduce_max(dist, [meter.weight_max, -meter.weight_min])
                 mean = r_sum / count
                 record.update({
@@ -815,6 +933,8 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
                 })
                 if "correctness" in per_fn:
                     record["accuracy"] = correct / count
+                if g.overlong_buffer:
+                    record["overlong_penalty"] = overlong_sum / count  # mean over completions, <= 0
                 if logged:
                     record["entropy"] = entropy / max(tok, 1)
                 if g.beta > 0:

@@ -4,6 +4,7 @@ processes with LoRA and a KL term, bad input."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -138,6 +139,32 @@ def test_options_that_change_the_objective_run(cli, lively_model, tmp_path):
     assert result.returncode == 0, result.stderr
     record = _metrics(run)[0]
     assert record["truncated_frac"] > 0 and record["active_frac"] <= 1 - record["truncated_frac"] + 1e-9
+
+
+@pytest.mark.parametrize("options", [
+    ["grpo.loss_type=gspo", "grpo.mini_batches=2", "grpo.epsilon_low=3e-4", "grpo.epsilon_high=4e-4"],
+    ["grpo.loss_type=cispo", "grpo.mini_batches=2", "grpo.epsilon_low=10", "grpo.epsilon_high=0.2"],
+    ["grpo.advantage=rloo", "grpo.filter_groups=true"],
+    ["grpo.advantage=reinforce_pp", "grpo.overlong_buffer=6", "grpo.overlong_penalty=0.5"],
+], ids=["gspo", "cispo", "rloo", "reinforce_pp-overlong"])
+def test_other_objectives_run(cli, lively_model, tmp_path, options):
+    """GSPO and CISPO with two optimiser steps per rollout (so logp_old differs from logp), RLOO with group
+    filtering, REINFORCE++ with the overlong penalty: two steps each, finite losses. The logged reward is
+    the reward functions' weighted sum plus the overlong penalty, and a truncated completion (length
+    max_completion_len) carries the whole penalty."""
+    run = tmp_path / "run"
+    result = cli("grpo", *_quick(lively_model, *options, "train.max_steps=2", "output.save_every_steps=null",
+                                 "output.plots=false"), "--run-dir", str(run), "--json")
+    assert result.returncode == 0, result.stderr
+    for record in _metrics(run):
+        assert all(math.isfinite(record[key]) for key in ("loss", "grad_norm", "clip_frac", "reward")), record
+        penalty = record.get("overlong_penalty", 0.0)
+        assert record["reward"] == pytest.approx(record["reward/length_penalty"] + 0.5 * record["reward/correctness"]
+                                                 + penalty, abs=1e-9)
+        if "grpo.overlong_buffer=6" in options:
+            assert -0.5 <= penalty <= -0.5 * record["truncated_frac"] + 1e-9, record
+        else:
+            assert "overlong_penalty" not in record
 
 
 @pytest.mark.parametrize(("correction", "level", "mini_batches"), [("tis", "token", 1), ("mis", "sequence", 2)])

@@ -12,11 +12,13 @@ from mathctl.grpo import (
     MismatchMeter,
     PromptPlan,
     aggregate,
+    batch_whiten,
     build_batch,
     completion_logprobs,
     engine_weights,
     group_advantages,
     importance_weights,
+    overlong_penalties,
     resolve_is_correction,
     token_losses,
 )
@@ -115,6 +117,190 @@ def test_masked_tokens_do_not_touch_the_loss_or_gradient():
     assert torch.isfinite(loss)
     assert float(logps.grad[0, 1]) == 0.0
 
+
+
+# --- advantage estimators --------------------------------------------------------------------
+
+
+def test_rloo_advantages_by_hand():
+    """r - mean of the other G - 1 rewards; no std, whatever `scale` says."""
+    adv, flat = group_advantages([3.0, 1.0, 2.0, 0.0, 0.0, 6.0], 3, scale=True, estimator="rloo")
+    # 3 - (1 + 2) / 2, 1 - (3 + 2) / 2, 2 - (3 + 1) / 2 | 0 - (0 + 6) / 2 twice, 6 - (0 + 0) / 2
+    assert adv == pytest.approx([1.5, -1.5, 0.0, -3.0, -3.0, 6.0])
+    assert flat == [False] * 6
+    adv, flat = group_advantages(REWARDS, 2, scale=False, estimator="rloo")
+    assert adv == pytest.approx([1.0, -1.0, 0.0, 0.0])  # G = 2: the other completion's reward is the baseline
+    assert flat == [False, False, True, True]
+
+
+# REINFORCE++-baseline toy: 3 groups of 2, completion lengths in tokens
+RPP_REWARDS = [1.0, 0.0, 1.0, 1.0, 0.5, 0.0]
+RPP_LENGTHS = [2, 1, 3, 1, 4, 2]
+
+
+def _whitened_by_hand(centred, lengths, keep):
+    """Every kept completion's centred reward repeated once per token; mean and unbiased std of that list."""
+    import statistics
+
+    tokens = [c for c, n, k in zip(centred, lengths, keep) for _ in range(n) if k]
+    mu, var = statistics.fmean(tokens), statistics.variance(tokens)
+    return [(c - mu) / math.sqrt(var + 1e-8) for c in centred]
+
+
+def test_reinforce_pp_advantages_by_hand():
+    centred, flat = group_advantages(RPP_REWARDS, 2, scale=True, estimator="reinforce_pp")
+    assert centred == pytest.approx([0.5, -0.5, 0.0, 0.0, 0.25, -0.25])  # group mean only, `scale` ignored
+    # 13 tokens: 0.5 x2, -0.5, 0 x4, 0.25 x4, -0.25 x2 -> mu = 1/13, var = (1.125 - 13 mu^2) / 12
+    mu, var = 1 / 13, (1.125 - 1 / 13) / 12
+    got = batch_whiten(centred, [float(n) for n in RPP_LENGTHS])
+    assert got == pytest.approx([(c - mu) / math.sqrt(var + 1e-8) for c in centred])
+    assert got == pytest.approx(_whitened_by_hand(centred, RPP_LENGTHS, [True] * 6))
+    assert got[2] == got[3] == pytest.approx(-mu / math.sqrt(var))  # the flat group gets -mu / std, not 0
+    # filter_groups drops the flat group (1, 1) from the loss: its tokens leave the statistics too
+    keep = [not f for f in flat]
+    got = batch_whiten(centred, [float(n) * k for n, k in zip(RPP_LENGTHS, keep)])
+    assert got == pytest.approx(_whitened_by_hand(centred, RPP_LENGTHS, keep))
+
+
+def test_reinforce_pp_statistics_span_all_processes():
+    """Two processes holding halves of the batch whiten exactly as one process with all of it."""
+    centred, _ = group_advantages(RPP_REWARDS, 2, scale=False, estimator="reinforce_pp")
+    weights = [float(n) for n in RPP_LENGTHS]
+    whole = batch_whiten(centred, weights)
+    halves = [(centred[:2], weights[:2]), (centred[2:], weights[2:])]
+    sums = [[sum(w), sum(w_ * v for w_, v in zip(w, c)), sum(w_ * v * v for w_, v in zip(w, c))] for c, w in halves]
+
+    def reduce(values):  # what Dist.all_reduce_sum returns on either process
+        return [a + b for a, b in zip(*sums)]
+
+    got = batch_whiten(halves[0][0], halves[0][1], reduce) + batch_whiten(halves[1][0], halves[1][1], reduce)
+    assert got == pytest.approx(whole)
+
+
+def test_batch_whiten_without_signal_gives_zeros():
+    assert batch_whiten([0.0, 0.0, 0.0], [3.0, 2.0, 1.0]) == [0.0, 0.0, 0.0]  # every group flat
+    assert batch_whiten([0.4, -0.4], [0.0, 0.0]) == pytest.approx([0.4e4, -0.4e4])  # nothing kept: no loss anyway
+
+
+@pytest.mark.parametrize(("penalty", "want"), [
+    (1.0, [0.0, 0.0, 0.0, -0.25, -0.5, -0.75, -1.0]),
+    (0.5, [0.0, 0.0, 0.0, -0.125, -0.25, -0.375, -0.5]),
+])
+def test_overlong_penalty_by_hand(penalty, want):
+    """Lmax 10, buffer 4: free up to 6 tokens (the boundary itself is free), then -1/4 per token to -penalty at 10."""
+    assert overlong_penalties([1, 5, 6, 7, 8, 9, 10], 10, 4, penalty) == pytest.approx(want)
+
+
+def test_overlong_penalty_edges():
+    assert overlong_penalties([3, 10, 12], 10, 0, 1.0) == [0.0, 0.0, 0.0]  # off
+    assert overlong_penalties([9, 10, 12], 10, 1, 2.0) == pytest.approx([0.0, -2.0, -2.0])  # no lower than -penalty
+
+
+# --- GSPO and CISPO --------------------------------------------------------------------------
+# Sequence ratios of the LOG_RATIO toy (old = 0): geometric means of the token ratios on the mask,
+# the padding junk left out: (1 * 1.5 * 0.5)^(1/3), (0.5 * 1.5)^(1/2), 1.1, 1.
+GSPO_S = [0.75 ** (1 / 3), 0.75 ** 0.5, 1.1, 1.0]  # 0.9086, 0.8660, 1.1, 1
+GSPO_ADV = [0.7, -0.7, 0.7, -0.7]
+
+
+def test_gspo_value_and_gradient_by_hand():
+    """Clip range [0.9, 1.05]: s0 = 0.909 inside (A > 0); s1 = 0.866 < 0.9 with A < 0, clipped; s2 = 1.1 > 1.05
+    with A > 0, clipped; s3 = 1 inside (A < 0). Each completion's tokens all hold -min(s A, clip(s) A)."""
+    logps = LOG_RATIO.clone().requires_grad_(True)
+    terms = token_losses(logps, torch.zeros(4, 3), torch.tensor(GSPO_ADV), MASK, epsilon_low=0.1, epsilon_high=0.05,
+                         loss_type="gspo")
+    per_seq = [-GSPO_S[0] * 0.7, 0.9 * 0.7, -1.05 * 0.7, 1.0 * 0.7]
+    want = torch.tensor([[per_seq[r]] * 3 for r in range(4)]) * MASK
+    assert torch.allclose(terms["loss"], want, atol=1e-6)
+    assert terms["clipped"].tolist() == [[0, 0, 0], [1, 1, 0], [1, 0, 0], [0, 0, 0]]
+    loss = aggregate(terms["loss"], MASK, "gspo", num_sequences=4, num_tokens=9, max_completion_len=3)
+    assert float(loss.detach()) == pytest.approx(sum(per_seq) / 4, abs=1e-6)  # per-completion means, then mean
+    loss.backward()
+    # unclipped completions: d/d logp_t of -s A / 4 = -A s (1 / |y|) / 4 on each of their tokens; clipped: 0
+    g0, g3 = -0.7 * GSPO_S[0] / 3 / 4, 0.7 * 1.0 / 3 / 4
+    assert torch.allclose(logps.grad, torch.tensor([[g0] * 3, [0.0] * 3, [0.0] * 3, [g3] * 3]), atol=1e-6)
+
+
+def test_gspo_token_form_matches_the_sequence_objective():
+    """The per-token form has the value and gradient of GSPO written per sequence:
+    mean_i -min(s_i A_i, clip(s_i) A_i) with s_i = exp(mean_t log-ratio) and the gradient through s_i."""
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -1.5, -4.0], [-0.2, -2.5, -1.1], [-0.7, -0.3, -0.9]])
+    logps = (old + torch.tensor([[0.03, 0.02, 0.03], [-0.04, 0.01, 3.0], [0.05, 0.0, 0.0], [0.0, -0.02, 0.01]]))
+    adv = torch.tensor([1.2, -0.8, -0.5, 0.9])
+    token = logps.clone().requires_grad_(True)
+    terms = token_losses(token, old, adv, MASK, epsilon_low=0.01, epsilon_high=0.015, loss_type="gspo")
+    aggregate(terms["loss"], MASK, "gspo", num_sequences=4, num_tokens=9, max_completion_len=3).backward()
+
+    seq = logps.clone().requires_grad_(True)
+    s = torch.exp(((seq - old) * MASK).sum(-1) / MASK.sum(-1))
+    want = (-torch.min(s * adv, torch.clamp(s, 0.99, 1.015) * adv)).mean()
+    want.backward()
+    got = aggregate(terms["loss"].detach(), MASK, "gspo", num_sequences=4, num_tokens=9, max_completion_len=3)
+    assert float(got) == pytest.approx(float(want.detach()), abs=1e-6)
+    assert torch.allclose(token.grad, seq.grad, atol=1e-6)
+    # s = 1.027 (A > 0, above 1.015), 0.985 (A < 0, below 0.99): clipped; 1.051 with A < 0 and 0.997: not
+    assert terms["clipped"][:, 0].tolist() == [1, 1, 0, 0]
+    assert token.grad[:2].abs().sum() == 0 and token.grad[2:].abs().sum() > 0
+
+
+def test_gspo_on_policy_is_the_sequence_mean_policy_gradient():
+    """logp_old = logp (one optimiser step per rollout): s = 1, and the gradient is -A / (|y| * completions)."""
+    logps = torch.tensor([[-1.0, -2.0], [-0.5, -0.1]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    terms = token_losses(logps, logps.detach(), torch.tensor([2.0, -1.0]), mask, epsilon_low=3e-4,
+                         epsilon_high=4e-4, loss_type="gspo")
+    aggregate(terms["loss"], mask, "gspo", num_sequences=2, num_tokens=3, max_completion_len=2).backward()
+    assert torch.allclose(logps.grad, torch.tensor([[-2 / 2 / 2, -2 / 2 / 2], [1 / 1 / 2, 0.0]]))
+    assert not terms["clipped"].any()
+
+
+# CISPO toy: log-probabilities of the sampled tokens; the padding slots hold junk
+CISPO_LOGPS = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -1.5, 50.0], [-0.2, 9.0, 9.0], [-0.1, -0.4, -0.3]])
+
+
+def test_cispo_value_and_gradient_by_hand():
+    """ratio = exp(LOG_RATIO); weights clip(ratio, 0.8, 1.28), both sides whatever the sign of A:
+    row 0: 1, 1.28, 0.8; row 1: 0.8, 1.28; row 2: 1.1; row 3: 1, 1, 1. Loss per token -w A logp, token mean
+    over the 9 tokens; every token keeps a gradient -w A / 9, the clipped ones too."""
+    logps = CISPO_LOGPS.clone().requires_grad_(True)
+    old = CISPO_LOGPS - LOG_RATIO  # so that logp - logp_old = LOG_RATIO
+    terms = token_losses(logps, old, torch.tensor(GSPO_ADV), MASK, epsilon_low=0.2, epsilon_high=0.28,
+                         loss_type="cispo")
+    want = [[-1.0 * 0.7 * -1.0, -1.28 * 0.7 * -2.0, -0.8 * 0.7 * -0.5],   # 0.7, 1.792, 0.28
+            [-0.8 * -0.7 * -3.0, -1.28 * -0.7 * -1.5, 0.0],             # -1.68, -1.344, padding
+            [-1.1 * 0.7 * -0.2, 0.0, 0.0],                              # 0.154
+            [-0.7 * 0.1, -0.7 * 0.4, -0.7 * 0.3]]                       # A = -0.7, w = 1: -0.07, -0.28, -0.21
+    assert torch.allclose(terms["loss"], torch.tensor(want), atol=1e-6)
+    assert terms["clipped"].tolist() == [[0, 1, 1], [1, 1, 0], [0, 0, 0], [0, 0, 0]]
+    loss = aggregate(terms["loss"], MASK, "cispo", num_sequences=4, num_tokens=9, max_completion_len=3)
+    assert float(loss.detach()) == pytest.approx((2.772 - 3.024 + 0.154 - 0.56) / 9, abs=1e-6)
+    loss.backward()
+    grad = [[-0.7 * 1.0 / 9, -0.7 * 1.28 / 9, -0.7 * 0.8 / 9],
+            [0.7 * 0.8 / 9, 0.7 * 1.28 / 9, 0.0],
+            [-0.7 * 1.1 / 9, 0.0, 0.0],
+            [0.7 / 9] * 3]
+    assert torch.allclose(logps.grad, torch.tensor(grad), atol=1e-6)
+
+
+def test_cispo_large_epsilon_low_leaves_no_lower_bound():
+    """verl's example sets epsilon_low 10 (MiniMax-M1 sets no lower bound): a ratio of 0.5 keeps its weight."""
+    logps = CISPO_LOGPS.clone().requires_grad_(True)
+    terms = token_losses(logps, CISPO_LOGPS - LOG_RATIO, torch.tensor(GSPO_ADV), MASK, epsilon_low=10.0,
+                         epsilon_high=0.2, loss_type="cispo")
+    terms["loss"].sum().backward()
+    assert float(logps.grad[0, 2]) == pytest.approx(-0.7 * 0.5)  # weight 0.5, not 0.8
+    assert float(logps.grad[0, 1]) == pytest.approx(-0.7 * 1.2)  # 1.5 capped at 1.2
+    assert terms["clipped"][0].tolist() == [0, 1, 0]
+
+
+def test_mismatch_weights_multiply_gspo_and_cispo_terms():
+    w = torch.tensor([[0.5, 2.0, 1.5], [0.25, 1.0, 1.0], [1.0, 1.0, 1.0], [3.0, 1.0, 1.0]])
+    for loss_type, old in (("gspo", torch.zeros(4, 3)), ("cispo", CISPO_LOGPS - LOG_RATIO)):
+        logps = LOG_RATIO if loss_type == "gspo" else CISPO_LOGPS
+        kwargs = dict(epsilon_low=0.1, epsilon_high=0.05, loss_type=loss_type)
+        plain = token_losses(logps, old, torch.tensor(GSPO_ADV), MASK, **kwargs)
+        weighted = token_losses(logps, old, torch.tensor(GSPO_ADV), MASK, **kwargs, is_weights=w)
+        assert torch.allclose(weighted["loss"], plain["loss"] * w, atol=1e-6)
 
 # --- engine/trainer mismatch correction ------------------------------------------------------
 # log(pi_old / pi_engine) per token of 3 completions (lengths 3, 2, 3); the padding slot holds junk.
@@ -308,6 +494,30 @@ def test_config_checks():
         GRPOConfig(**base, grpo={"is_correction": "mis", "is_cap": 2.0, "is_floor": 2.0})
     with pytest.raises(ValidationError, match="is_cap"):
         GRPOConfig(**base, grpo={"is_cap": 1.0})
+
+
+def test_objective_config_checks():
+    from pydantic import ValidationError
+
+    base = {"model": {"path": "tiny:qwen2-tiny"}}
+    assert GRPOConfig(**base).grpo.advantage == "grpo" and GRPOConfig(**base).grpo.overlong_buffer == 0
+    for loss_type in ("gspo", "cispo"):
+        assert GRPOConfig(**base, grpo={"loss_type": loss_type}).std_scaling  # the objective leaves advantages alone
+    for advantage in ("rloo", "reinforce_pp"):
+        assert not GRPOConfig(**base, grpo={"advantage": advantage}).std_scaling  # auto: no group std
+        assert not GRPOConfig(**base, grpo={"advantage": advantage, "scale_rewards": "none"}).std_scaling
+        GRPOConfig(**base, grpo={"advantage": advantage, "filter_groups": True, "loss_type": "cispo"})
+        with pytest.raises(ValidationError, match=f"grpo.scale_rewards=group .* grpo.advantage={advantage}"):
+            GRPOConfig(**base, grpo={"advantage": advantage, "scale_rewards": "group"})
+    with pytest.raises(ValidationError, match="advantage"):
+        GRPOConfig(**base, grpo={"advantage": "ppo"})
+    with pytest.raises(ValidationError, match="loss_type"):
+        GRPOConfig(**base, grpo={"loss_type": "gpg"})
+    assert GRPOConfig(**base, grpo={"max_completion_len": 64, "overlong_buffer": 63}).grpo.overlong_buffer == 63
+    with pytest.raises(ValidationError, match=r"overlong_buffer \(64\) must be below grpo.max_completion_len \(64\)"):
+        GRPOConfig(**base, grpo={"max_completion_len": 64, "overlong_buffer": 64})
+    with pytest.raises(ValidationError, match="overlong_penalty"):
+        GRPOConfig(**base, grpo={"overlong_buffer": 8, "overlong_penalty": -1.0})
 
 
 def test_tensor_parallel_engines_must_divide_the_processes():
