@@ -2,9 +2,17 @@
 
 Each record names where the problems come from twice: a file under a data folder (`--data-dir`,
 `eval.data_dir` or `MATHCTL_DATA_DIR`; the layout of ../shared/data/benchmarks, `NAME/test.jsonl`)
-and a hub dataset (id, config, split) for machines that can reach the hub. The fields differ
-between the two copies of some sets, so problems and answers are read by an ordered list of
-candidate fields: the first one present wins.
+and a hub dataset (id, config, split) for machines that can reach the hub; a few sets exist only as
+files (Qwen2.5-Math's evaluation data) and have no hub copy. The fields differ between the two copies of
+some sets, so problems and answers are read by an ordered list of candidate fields: the first one
+present wins.
+
+Multiple-choice questions: the problem shows the options labelled (A), (B), ... (`options`: a list
+field, or a string that labels them itself; the gaokao and middle-school sets have them in the question
+text), and the gold is a `mathctl.grading.Choice` (option letters, read by a `choice:` reader), which
+the grader matches against the option letters of the model's final answer. Sets that mix choice and
+fill-in questions read the choice gold first and fall back to the value (`choice:choice_answer`, then
+`field:answer`).
 
 Bump a record's `version` whenever its prompt, data or answer reading changes; it is written into
 every eval result so numbers from different versions are never compared by accident.
@@ -13,6 +21,7 @@ every eval result so numbers from different versions are never compared by accid
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +30,12 @@ from typing import Any
 from mathctl.core.errors import ConfigError, DataError
 
 DEFAULT_PROMPT = "{problem}\nLet's think step by step and output the final answer within \\boxed{}."
+# Every question of the task is multiple-choice: ask for the option letter.
+CHOICE_PROMPT = ("{problem}\nLet's think step by step and output the letter of the correct option within "
+                 "\\boxed{}.")
+# Choice and fill-in questions mixed (gaokao, middle school): a value, or the letters of the options.
+MIXED_PROMPT = ("{problem}\nLet's think step by step and output the final answer within \\boxed{}; for a "
+                "multiple-choice question, the letter of each correct option.")
 DATA_DIR_ENV = "MATHCTL_DATA_DIR"
 
 
@@ -42,7 +57,7 @@ class Benchmark:
     name: str
     description: str
     local: str  # folder under the data dir holding test.jsonl
-    hub_id: str
+    hub_id: str | None  # None: no hub copy, the local file only
     hub_split: str
     hub_config: str | None = None
     problem: tuple[str, ...] = ("problem", "question")  # first present field (several joined with a space: see join)
@@ -54,11 +69,23 @@ class Benchmark:
     aliases: tuple[str, ...] = ()
     version: int = 1
     extra_fields: tuple[str, ...] = field(default=())  # copied into results (subject, level, ...)
+    options: str | None = None  # multiple-choice options appended to the problem, see render_options
+    hub_keep: tuple[str, tuple[str, ...]] | None = None  # (field, values): the hub rows to keep (a subset)
     path: str | None = None  # a user's own JSONL file (task given as a path), read instead of local/hub
 
 
+# The MMLU subjects of mmlu_stem (Qwen2.5-Math's selection): the rows of the full MMLU test set to keep.
+MMLU_STEM_SUBJECTS = (
+    "abstract_algebra", "astronomy", "college_biology", "college_chemistry", "college_computer_science",
+    "college_mathematics", "college_physics", "computer_security", "conceptual_physics", "electrical_engineering",
+    "elementary_mathematics", "high_school_biology", "high_school_chemistry", "high_school_computer_science",
+    "high_school_mathematics", "high_school_physics", "high_school_statistics", "machine_learning",
+)
+
 # Answer readers: "field:NAME" (the value as it is), "hash:NAME" (text after the last `####`),
-# "boxed:NAME" (the last \boxed{} in the field), "gsm:NAME" (after `####` when present, else as it is).
+# "boxed:NAME" (the last \boxed{} in the field), "gsm:NAME" (after `####` when present, else as it is),
+# "choice:NAME" (option letters `B`/`ACD`, or a 0-based option index, as a Choice gold; any other value
+# falls through to the next reader: a fill-in question's answer).
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
     Benchmark("gsm8k", "GSM8K test, 1319 grade-school word problems", "gsm8k", "openai/gsm8k", "test", "main",
               problem=("question",), answer=("hash:answer",), id_field="idx"),
@@ -91,9 +118,33 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
               join=("body", "question"), answer=("field:answer",)),
     Benchmark("mawps", "MAWPS, 2065 arithmetic word problems", "mawps", "MU-NLPC/Calc-mawps", "test",
               problem=("input", "question"), answer=("field:target", "field:result")),
+    Benchmark("carp_en", "CARP (English), 976 computation-heavy middle-school algebra problems", "carp_en",
+              None, "test", problem=("content",), answer=("field:answer",)),
+    Benchmark("cn_middle_school", "Chinese middle-school exam math (in Chinese), 101 problems, 41 multiple-choice",
+              "cn_middle_school", None, "test", problem=("question",),
+              answer=("choice:choice_answer", "field:answer"), id_field="idx", prompt=MIXED_PROMPT),
+    # gaokao2024_I/II keep choice and fill-in answers in one field: letters are a choice question's answer
+    # (exactly the rows of `type` single/multi; a fill-in answer is never capital letters A-E only).
+    Benchmark("gaokao2024_I", "Gaokao 2024 paper I math (in Chinese), 14 problems: 8 single-choice, "
+              "3 multi-select, 3 fill-in", "gaokao2024_I", None, "test", problem=("question",),
+              answer=("choice:answer", "field:answer"), extra_fields=("type",), prompt=MIXED_PROMPT),
+    Benchmark("gaokao2024_II", "Gaokao 2024 paper II math (in Chinese), 14 problems: 8 single-choice, "
+              "3 multi-select, 3 fill-in", "gaokao2024_II", None, "test", problem=("question",),
+              answer=("choice:answer", "field:answer"), extra_fields=("type",), prompt=MIXED_PROMPT),
+    Benchmark("gaokao2024_mix", "Gaokao 2024 math, several papers (in Chinese), 91 problems, 55 multiple-choice",
+              "gaokao2024_mix", None, "test", problem=("question",),
+              answer=("choice:choice_answer", "field:answer"), id_field="idx", prompt=MIXED_PROMPT),
+    Benchmark("mmlu_stem", "MMLU, its 18 STEM subjects, 3018 four-option questions", "mmlu_stem",
+              "hails/mmlu_no_train", "test", "all", problem=("question",), answer=("choice:answer",),
+              options="choices", prompt=CHOICE_PROMPT, extra_fields=("type", "subject"),
+              hub_keep=("subject", MMLU_STEM_SUBJECTS)),
+    Benchmark("sat_math", "SAT math, 32 four-option questions", "sat_math", None, "test", problem=("question",),
+              answer=("choice:Answer",), options="options", id_field="id", prompt=CHOICE_PROMPT),
 ]}
 
 ALIASES: dict[str, str] = {alias: b.name for b in BENCHMARKS.values() for alias in b.aliases}
+# Names are matched without case (`gaokao2024_i` is gaokao2024_I).
+ALIASES.update({b.name.lower(): b.name for b in BENCHMARKS.values() if b.name.lower() != b.name})
 # Task names of lighteval and lm-evaluation-harness for the same sets (lm-eval's `minerva_math` is MATH with
 # Minerva's prompt, not the Minerva OCW set that `minerva_math` names here, so it is not an alias).
 ALIASES.update({
@@ -160,7 +211,7 @@ def _reader(spec: str) -> tuple[str, str]:
 
 
 def read_answer(bench: Benchmark, row: dict[str, Any]) -> Any:
-    from mathctl.grading import extract_boxed_all
+    from mathctl.grading import Choice, extract_boxed_all
 
     for spec in bench.answer:
         kind, name = _reader(spec)
@@ -169,6 +220,16 @@ def read_answer(bench: Benchmark, row: dict[str, Any]) -> Any:
             continue
         if kind == "field":
             return value
+        if kind == "choice":
+            if isinstance(value, int) and not isinstance(value, bool):
+                try:
+                    return Choice.from_index(value)
+                except ValueError:
+                    raise DataError(f"{bench.name}: option index {value} in field '{name}' is out of range",
+                                    hint="an option index is 0 (A) to 4 (E)") from None
+            if isinstance(value, str) and _LETTERS_RE.fullmatch(value.strip()):
+                return Choice(value)
+            continue  # not a label: a fill-in question's answer, for the next reader
         if kind == "hash" or (kind == "gsm" and "####" in str(value)):
             return str(value).split("####")[-1].strip()
         if kind == "gsm":
@@ -183,11 +244,38 @@ def read_answer(bench: Benchmark, row: dict[str, Any]) -> Any:
 def read_problem(bench: Benchmark, row: dict[str, Any]) -> str | None:
     if bench.join:
         parts = [str(row[f]).strip() for f in bench.join if row.get(f)]
-        return " ".join(parts) if parts else None
-    for name in bench.problem:
-        if row.get(name):
-            return str(row[name])
-    return None
+        text = " ".join(parts) if parts else None
+    else:
+        text = next((str(row[name]) for name in bench.problem if row.get(name)), None)
+    if text is not None and bench.options and row.get(bench.options):
+        text = text.rstrip() + "\n" + render_options(row[bench.options])
+    return text
+
+
+_LETTERS_RE = re.compile(r"[A-E]+")
+
+
+def render_options(options: list[Any] | str) -> str:
+    """Multiple-choice options, one per line, labelled `(A)`, `(B)`, ...: a list in option order, or a string
+    that labels them itself (`A) 12 B) 15 C) 18`, `A. 12 B. 15 ...`, SAT math). A string whose labels cannot
+    all be found in order (A first, then B, ...) is shown as it is."""
+    if isinstance(options, (list, tuple)):
+        return "\n".join(f"({letter}) {str(option).strip()}" for letter, option in zip("ABCDEFGHIJ", options))
+    text = str(options).strip()
+    starts = []  # (label start, text start) of each option
+    for letter in "ABCDEFGHIJ":
+        if not starts:  # the first label opens the string; each later one follows a space
+            m = re.match(rf"{letter}[).]\s*", text)
+        else:
+            m = re.compile(rf"(?<=\s){letter}[).]\s+").search(text, starts[-1][1])
+        if m is None:
+            break
+        starts.append((m.start(), m.end()))
+    if len(starts) < 2:
+        return text
+    ends = [start for start, _ in starts[1:]] + [len(text)]
+    bodies = [text[body:end].strip() for (_, body), end in zip(starts, ends)]
+    return "\n".join(f"({letter}) {body}" for letter, body in zip("ABCDEFGHIJ", bodies))
 
 
 def load_problems(bench: Benchmark, data_dir: Path | None, *,
@@ -207,8 +295,15 @@ def load_problems(bench: Benchmark, data_dir: Path | None, *,
 
         rows = [row for _, row in iter_jsonl(path)]
         source = str(path)
+    elif not bench.hub_id:
+        raise DataError(f"{bench.name} has no hub copy; it is read from {bench.local}/test.jsonl in a data folder",
+                        hint=f"pass --data-dir (or set {DATA_DIR_ENV}) to a folder with {bench.local}/test.jsonl "
+                             "(../shared/data/benchmarks has one)")
     else:
         rows = (hub_loader or _load_hub)(bench)
+        if bench.hub_keep is not None:
+            keep_field, keep_values = bench.hub_keep
+            rows = [row for row in rows if row.get(keep_field) in keep_values]
         source = f"{bench.hub_id}:{bench.hub_split}"
     problems = []
     for index, row in enumerate(rows):

@@ -22,7 +22,10 @@ Key surgery (every source): wrapper segments that training code inserts are remo
 name (`_fsdp_wrapped_module.`, `_orig_mod.` from torch.compile, `_checkpoint_wrapped_module.`,
 leading `module.` from DDP), then the `model.` prefix is added or removed, whichever matches the
 model the config describes; a tied output embedding (`lm_head.weight` sharing the input embedding)
-is written once, as `save_pretrained` does; stale `rotary_emb.inv_freq` buffers are dropped.
+is written once, as `save_pretrained` does; stale `rotary_emb.inv_freq` buffers are dropped. Of a
+peft `modules_to_save` module (a reward model's `score` head), which a LoRA state dict holds as
+`original_module` and as the trained `modules_to_save.default`, the trained copy is written (see
+`_copy_rank`; an adapter folder's copy likewise replaces the base's).
 
 Checks: with a config (the source's, or `--base-model`'s) the names and shapes are compared with
 the model it builds on the meta device; missing names (unless `--allow-missing`), unexpected names
@@ -855,11 +858,10 @@ def make_plan(source: Source, expected: tuple[Any, dict[str, Entry], dict[str, s
     for k in aliases:
         target_of.pop(k)
     sources: dict[str, list[str]] = {}
-    duplicates = []
     for k, t in target_of.items():
-        if t in sources:
-            duplicates.append(t)
         sources.setdefault(t, []).append(k)
+    superseded = _pick_trained_copies(sources)
+    duplicates = [t for t, ks in sources.items() if len(ks) > 1]
     if duplicates:
         raise CheckpointError(f"two source tensors map to {duplicates[0]} after removing wrapper prefixes",
                               hint="the state dict mixes wrapped and unwrapped copies; save one model's state dict")
@@ -880,8 +882,38 @@ def make_plan(source: Source, expected: tuple[Any, dict[str, Entry], dict[str, s
     else:
         order = list(sources)
     targets = [Entry(t, source.entries[sources[t][0]].shape, source.entries[sources[t][0]].dtype) for t in order]
-    return Plan(targets, sources, merges, dropped + aliases, missing, unexpected, mismatched, mapping,
+    return Plan(targets, sources, merges, dropped + superseded + aliases, missing, unexpected, mismatched, mapping,
                 [f"{a} -> {b}" for a, b in tied.items()])
+
+
+def _copy_rank(key: str) -> int:
+    """How much a source tensor is the one to write when several map to one name (higher wins): peft's
+    trained copy of a `modules_to_save` module (`...score.modules_to_save.default.weight`), then a full
+    copy saved in an adapter folder (peft saves that trained copy under the plain name, `...score.weight`),
+    then the base model's tensor, last peft's frozen original (`...score.original_module.weight`)."""
+    if ".modules_to_save." in key:
+        return 3
+    if key.startswith("adapter::"):
+        return 2
+    if ".original_module." in key:
+        return 0
+    return 1
+
+
+def _pick_trained_copies(sources: dict[str, list[str]]) -> list[str]:
+    """Where several source tensors map to one target and one of them outranks the rest (`_copy_rank`:
+    a LoRA run keeps a `modules_to_save` head, a reward model's `score`, both as trained and as original),
+    keep that one; returns the others (dropped). Equal ranks are left for the caller's duplicate error."""
+    superseded = []
+    for target, keys in sources.items():
+        if len(keys) < 2:
+            continue
+        best = max(_copy_rank(k) for k in keys)
+        winners = [k for k in keys if _copy_rank(k) == best]
+        if len(winners) == 1:
+            superseded += [k for k in keys if k != winners[0]]
+            sources[target] = winners
+    return superseded
 
 
 def check_plan(plan: Plan, allow_missing: bool) -> None:

@@ -5,7 +5,9 @@ Gold answers are read in their benchmark's form (`gold_answer`): a bare answer i
 holds boxes or a GSM8K `####` line gives that answer, JSON-doubled backslashes are halved, and a list (or a
 string holding a JSON list) gives alternatives, any of which may match. Numbers are accepted as gold (AIME
 files store ints, AMC floats). Gold-first: when the gold is a list and the response boxes several answers,
-the boxes together are a second candidate (`box_set`).
+the boxes together are a second candidate (`box_set`). A `Choice` gold (option letters, choice.py) is
+matched by the option letters the extracted answer names, with reason `choice` (or `not_a_choice` when
+the answer names no option: a value, even the right option's value, is not a letter).
 
 Batch grading resolves the cheap stages in this process and sends only symbolic comparisons to a
 pool of worker processes, each under a wall-clock limit (see equivalence.py).
@@ -19,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from mathctl.grading.choice import Choice, choice_letters
 from mathctl.grading.equivalence import equivalent, equivalent_many
 from mathctl.grading.extract import extract_answer, extract_boxed_all
 from mathctl.grading.normalize import normalize_answer
@@ -119,7 +122,10 @@ def _json_string_list(text: str) -> list[str] | None:
 
 
 def is_equivalent(pred: str, gold: Gold, *, timeout_s: float = 1.0) -> bool:
-    """Whether two answers (not whole responses) are mathematically the same."""
+    """Whether two answers (not whole responses) are mathematically the same (for a `Choice` gold: whether
+    `pred` names the same option letters)."""
+    if isinstance(gold, Choice):
+        return choice_letters(str(pred)) == gold
     pred_norm = normalize_answer(str(pred))
     return any(equivalent(pred_norm, normalize_answer(g), timeout_s=timeout_s)[0] for g in gold_strings(gold))
 
@@ -143,12 +149,16 @@ def grade_batch(responses: Sequence[str], golds: Sequence[Gold], *, timeout_s: f
     extracted = [extract_answer(r) if extract else (str(r) if r is not None else None) for r in responses]
     extracted = [answer_form(e) if e is not None and "\\" in e else e for e in extracted]
     pred_norms = [normalize_answer(e) if e is not None else None for e in extracted]
-    gold_lists = [[normalize_answer(g) for g in gold_strings(gold)] for gold in golds]
+    # Choice golds are decided here, by option letters; the rest go through equivalence below.
+    choices = {i: _grade_choice(responses[i] if extract else None, extracted[i], pred_norms[i], gold)
+               for i, gold in enumerate(golds) if isinstance(gold, Choice)}
+    gold_lists = [[] if i in choices else [normalize_answer(g) for g in gold_strings(gold)]
+                  for i, gold in enumerate(golds)]
     # Several boxes against a gold list: the boxes together are a second candidate (see `box_set`).
     box_sets: dict[int, str] = {}
     if extract:
         for i, response in enumerate(responses):
-            if any("," in g for g in gold_lists[i]):
+            if i not in choices and any("," in g for g in gold_lists[i]):
                 joined = box_set(response)
                 if joined is not None:
                     box_sets[i] = joined
@@ -169,8 +179,24 @@ def grade_batch(responses: Sequence[str], golds: Sequence[Gold], *, timeout_s: f
             best[owner] = (ok, reason, k)
     grades = []
     for i, (raw, pred) in enumerate(zip(extracted, pred_norms)):
+        if i in choices:
+            grades.append(choices[i])
+            continue
         ok, reason, k = best.get(i, (False, "no_answer", 0))  # no entry: nothing was extracted to compare
         if k == 1:
             raw, pred = box_sets[i], normalize_answer(box_sets[i])
         grades.append(Grade(ok, raw, pred, gold_lists[i][0] if gold_lists[i] else "", reason))
     return grades
+
+
+def _grade_choice(response: str | None, extracted: str | None, pred_norm: str | None, gold: Choice) -> Grade:
+    """The verdict for a `Choice` gold: the option letters of the extracted answer against the gold's. For a
+    multi-select gold, one box per option (`\\boxed{A}, \\boxed{C}`) counts as the set of those boxes."""
+    letters = choice_letters(extracted)
+    if response is not None and len(gold) > 1 and letters != gold:
+        joined = box_set(response)
+        if joined is not None and choice_letters(joined) == gold:
+            extracted, letters = joined, gold
+    reason = "no_answer" if extracted is None else "choice" if letters else "not_a_choice"
+    # the letters are the normalised answer, so maj@k votes for an option however it was written
+    return Grade(letters == gold, extracted, letters or pred_norm, str(gold), reason)

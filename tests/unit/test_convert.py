@@ -127,6 +127,68 @@ def test_lora_adapter_merge_matches_base_plus_adapter(model_dir, tmp_path):
     assert torch.allclose(got, expected, atol=1e-5)  # ... exactly as peft applies it
 
 
+def test_lora_reward_model_keeps_its_trained_head(tiny_model, tmp_path):
+    """A LoRA reward model: peft keeps the `score` head (a `modules_to_save` module) twice, as
+    `score.original_module` and the trained `score.modules_to_save.default`, and an adapter folder saves
+    the trained one as plain `score.weight` beside the base's; both map to `score.weight`, and the
+    trained head is written. A hand-made run folder (a DCP checkpoint of the peft state dict and the
+    recipe's r/alpha) stands in for `mathctl rm` with LoRA, which costs a training run."""
+    import torch.distributed.checkpoint as dcp
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1, dtype=torch.float32)
+    base.save_pretrained(tmp_path / "rm-base")  # score.weight: the head before training
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 modules_to_save=["score"]))
+    with torch.no_grad():  # "train": LoRA B away from zero, the head's trainable copy away from the original
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.normal_(0, 0.5)
+        expected = peft_model(IDS).logits
+    state = peft_model.state_dict()
+    trained_head = state["base_model.model.score.modules_to_save.default.weight"]
+    assert not torch.equal(trained_head, state["base_model.model.score.original_module.weight"])
+
+    run = tmp_path / "run"
+    dcp.save(state, checkpoint_id=str(run / "checkpoints" / "step_000001" / "dcp"))
+    (run / "checkpoints" / "step_000001" / "COMPLETE").touch()
+    (run / "recipe.yaml").write_text("step: rm\nlora:\n  enabled: true\n  r: 4\n  alpha: 8\n")
+    summary = convert(run, tmp_path / "from-run", base_model=str(tmp_path / "rm-base"), progress_bar=False)
+    assert "base_model.model.score.original_module.weight" in summary["dropped"]
+    assert len(summary["lora_merged"]) == 2 * 2  # 2 layers x q_proj, v_proj
+
+    peft_model.save_pretrained(tmp_path / "adapter")
+    convert(tmp_path / "adapter", tmp_path / "from-adapter", base_model=str(tmp_path / "rm-base"), progress_bar=False)
+
+    for out in ("from-run", "from-adapter"):
+        assert torch.equal(_weights(tmp_path / out)["score.weight"], trained_head), out
+        model = AutoModelForSequenceClassification.from_pretrained(tmp_path / out, dtype=torch.float32)
+        with torch.no_grad():
+            assert torch.allclose(model(IDS).logits, expected, atol=1e-5), out
+
+
+def test_any_modules_to_save_copy_wins_over_its_original(tmp_path):
+    """The rule is by peft's naming, not by module: an embedding kept with `modules_to_save` is picked the
+    same way; two plain tensors under one name are still an error."""
+    from mathctl.convert import Entry, Source, make_plan
+
+    def plan(*keys: str):
+        entries = {k: Entry(k, (4, 2), torch.float32) for k in keys}
+        return make_plan(Source("fsdp", tmp_path, entries, lambda ks: {}, lora={"scale": 1.0}), None)
+
+    lora = ("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight",
+            "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight",
+            "base_model.model.model.layers.0.mlp.up_proj.base_layer.weight")
+    got = plan(*lora, "base_model.model.model.embed_tokens.original_module.weight",
+               "base_model.model.model.embed_tokens.modules_to_save.default.weight")
+    assert got.sources["model.embed_tokens.weight"] == ["base_model.model.model.embed_tokens.modules_to_save.default.weight"]
+    assert got.dropped == ["base_model.model.model.embed_tokens.original_module.weight"]
+    with pytest.raises(CheckpointError, match="two source tensors map to model.norm.weight"):
+        plan(*lora, "base_model.model.model.norm.weight", "module.base_model.model.model.norm.weight")
+
+
 def test_our_lora_sft_run_converts_to_its_merged_final(cli, model_dir, tmp_path):
     """A mathctl LoRA run: its last DCP checkpoint, merged with the run's r/alpha, equals final/."""
     from conftest import quick_overrides

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from math import comb
 from pathlib import Path
 
 import pytest
 
-from mathctl.benchmarks import BENCHMARKS, get_benchmark, load_problems, read_answer, render_prompt
+from mathctl.benchmarks import (
+    BENCHMARKS,
+    CHOICE_PROMPT,
+    MIXED_PROMPT,
+    get_benchmark,
+    load_problems,
+    read_answer,
+    render_options,
+    render_prompt,
+)
 from mathctl.core.errors import ConfigError, DataError
 from mathctl.evaluate import (
     EvalConfig,
@@ -20,6 +30,7 @@ from mathctl.evaluate import (
     summarize,
     task_sampling,
 )
+from mathctl.grading import Choice
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -126,6 +137,7 @@ def test_task_names_aliases_and_unknown():
     assert get_benchmark("aime24").name == "aime2024"
     assert get_benchmark("AIME2024").name == "aime2024"
     assert get_benchmark("aime25").name == "aime2025"
+    assert get_benchmark("gaokao2024_i").name == get_benchmark("GAOKAO2024_I").name == "gaokao2024_I"
     with pytest.raises(ConfigError) as err:
         get_benchmark("aime2023")
     assert "available" in err.value.hint and "math500" in err.value.hint
@@ -174,6 +186,70 @@ def test_gold_readers():
     assert read_answer(minerva, {"answer": "7", "solution": "\\boxed{8}"}) == "7"  # hub copies have `answer`
     math = get_benchmark("math")
     assert read_answer(math, {"solution": "\\boxed{3}"}) == "3"
+
+
+def test_choice_gold_reader():
+    mmlu, mix, gaokao = get_benchmark("mmlu_stem"), get_benchmark("gaokao2024_mix"), get_benchmark("gaokao2024_I")
+    assert read_answer(mmlu, {"answer": 2}) == "C" and isinstance(read_answer(mmlu, {"answer": 2}), Choice)
+    assert read_answer(mmlu, {"answer": 0}) == "A"
+    with pytest.raises(DataError, match="out of range"):
+        read_answer(mmlu, {"answer": 7})
+    assert isinstance(read_answer(mix, {"choice_answer": "C", "answer": "C. 1-i"}), Choice)
+    fill_in = read_answer(mix, {"choice_answer": "", "answer": "\\frac{4}{5}"})  # no choice: the value
+    assert fill_in == "\\frac{4}{5}" and not isinstance(fill_in, Choice)
+    assert read_answer(gaokao, {"answer": "ACD", "type": "multi"}) == "ACD"
+    assert not isinstance(read_answer(gaokao, {"answer": "ln2", "type": "blank"}), Choice)
+
+
+def test_gaokao2024_choice_golds_are_its_choice_questions():
+    for name in ("gaokao2024_I", "gaokao2024_II"):
+        if not (BENCH_DIR / name / "test.jsonl").is_file():
+            pytest.skip("../shared/data/benchmarks is beside the checkout in CI")
+        rows = [json.loads(line) for line in open(BENCH_DIR / name / "test.jsonl", encoding="utf-8")]
+        golds = [p.gold for p in load_problems(get_benchmark(name), BENCH_DIR)]
+        assert [isinstance(g, Choice) for g in golds] == [row["type"] in ("single", "multi") for row in rows]
+
+
+def test_options_are_shown_labelled():
+    assert render_options(["12", " 15 ", "x"]) == "(A) 12\n(B) 15\n(C) x"
+    assert render_options("A) 12 B) $f(6)=-6$ C) 18 D) 10 and 20") == "(A) 12\n(B) $f(6)=-6$\n(C) 18\n(D) 10 and 20"
+    assert render_options("A. 1,190 B. 1,900 C. 2,900 D. 19,000") == "(A) 1,190\n(B) 1,900\n(C) 2,900\n(D) 19,000"
+    # a letter inside an option is not a label unless it follows a space and has its `)` or `.` and a space
+    assert render_options("A) data set $B$ B) set B C) none") == "(A) data set $B$\n(B) set B\n(C) none"
+    assert render_options("no labels here") == "no labels here"
+    mmlu = get_benchmark("mmlu_stem")
+    row = {"question": "Which is prime?", "subject": "college_mathematics", "choices": ["4", "6", "7", "9"], "answer": 2}
+    problem = load_problems(mmlu, None, hub_loader=lambda b: [row])
+    assert problem[0].problem == "Which is prime?\n(A) 4\n(B) 6\n(C) 7\n(D) 9"
+
+
+def test_every_sat_math_question_shows_four_labelled_options():
+    if not (BENCH_DIR / "sat_math" / "test.jsonl").is_file():
+        pytest.skip("../shared/data/benchmarks is beside the checkout in CI")
+    for problem in load_problems(get_benchmark("sat_math"), BENCH_DIR):
+        lines = problem.problem.splitlines()[-4:]
+        assert [line[:4] for line in lines] == ["(A) ", "(B) ", "(C) ", "(D) "], problem.problem
+
+
+def test_choice_tasks_ask_for_the_letter():
+    assert get_benchmark("mmlu_stem").prompt == get_benchmark("sat_math").prompt == CHOICE_PROMPT
+    assert all(get_benchmark(n).prompt == MIXED_PROMPT
+               for n in ("gaokao2024_I", "gaokao2024_II", "gaokao2024_mix", "cn_middle_school"))
+    assert "letter of the correct option within \\boxed{}" in CHOICE_PROMPT
+
+
+def test_mmlu_stem_from_the_hub_keeps_its_stem_subjects():
+    rows = [{"question": "q1", "subject": "college_physics", "choices": ["a", "b"], "answer": 1},
+            {"question": "q2", "subject": "world_religions", "choices": ["a", "b"], "answer": 0}]
+    problems = load_problems(get_benchmark("mmlu_stem"), None, hub_loader=lambda b: rows)
+    kept = [(p.problem.splitlines()[0], p.gold, p.extra) for p in problems]
+    assert kept == [("q1", "B", {"subject": "college_physics"})]
+
+
+def test_a_task_without_a_hub_copy_asks_for_the_data_dir():
+    with pytest.raises(DataError) as err:
+        load_problems(get_benchmark("sat_math"), None, hub_loader=lambda b: pytest.fail("no hub copy to load"))
+    assert "no hub copy" in err.value.message and "--data-dir" in err.value.hint
 
 
 def test_missing_local_file_names_the_path(tmp_path):
