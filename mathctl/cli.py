@@ -23,7 +23,7 @@ from mathctl.data import SOURCES as DATA_SOURCES
 
 app = typer.Typer(
     name="mathctl",
-    help="Math post-training lifecycle: data, sft, rm, grpo, mcts-sample, convert-ckpt, eval, grade, and the whole "
+    help="Math post-training lifecycle: data, sft, rm, dpo, grpo, mcts-sample, convert-ckpt, eval, grade, and the whole "
     "of it with pipeline. Start with: mathctl pipeline --recipe quickstart. Every command takes --help; "
     "shell completion: mathctl --install-completion.",
     no_args_is_help=True,
@@ -64,7 +64,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
-    """Math post-training lifecycle: data, sft, rm, grpo, mcts-sample, convert-ckpt, eval, pipeline, report."""
+    """Math post-training lifecycle: data, sft, rm, dpo, grpo, mcts-sample, convert-ckpt, eval, pipeline, report."""
 
 
 def _emit(summary: dict[str, Any], as_json: bool) -> None:
@@ -278,6 +278,26 @@ def grpo(
              resume=resume, dry_run=dry_run, as_json=json_out, slurm=slurm, submit=submit)
 
 
+@app.command(help="Direct preference optimisation on (prompt, chosen, rejected) pairs: DPO, length-normalised DPO "
+             "(dpo_norm, Tulu 3), IPO or SimPO, with a reference cached in the run folder or the LoRA base; one "
+             "process to many nodes. Examples: mathctl dpo --recipe quickstart-dpo --model runs/sft/quickstart/final "
+             "data.source=runs/pairs/quickstart/pairs.jsonl; mathctl dpo --recipe tulu3-dpo-8b launch.num_processes=8. "
+             "Pairs from a model's own graded answers: mathctl data pairs. Shipped recipes: " + _recipes_help("dpo"))
+def dpo(
+    overrides: list[str] = OverridesArg,
+    recipe: str = RecipeOpt,
+    model: str = ModelOpt,
+    run_dir: Path = RunDirOpt,
+    resume: bool = ResumeOpt,
+    dry_run: bool = DryRunOpt,
+    json_out: bool = JsonOpt,
+    slurm: bool = SlurmOpt,
+    submit: bool = SubmitOpt,
+) -> None:
+    run_step("dpo", recipe=recipe, overrides=overrides, aliases={"model.path": model}, run_dir=run_dir,
+             resume=resume, dry_run=dry_run, as_json=json_out, slurm=slurm, submit=submit)
+
+
 DEFAULT_MCTS_RECIPE = "rstar-math"  # `mathctl mcts-sample --rounds 4`: rStar-Math's search when no recipe is named
 
 
@@ -460,6 +480,29 @@ def data_decontaminate(
     log(f"kept {summary['rows_kept']} rows -> {summary['output']} (report: {summary['report']}, "
         f"{summary['seconds']:.1f} s)")
     _emit(summary, json_out)
+
+
+@data_app.command("pairs", help="Preference pairs for mathctl dpo from a model's own graded answers: n samples "
+                  "per problem, graded against the gold, up to k (correct, incorrect) pairs per problem, seeded; "
+                  "appended as it goes (--resume continues). Writes pairs.jsonl, samples.jsonl and summary.json. "
+                  "Example: mathctl data pairs --recipe quickstart-pairs --model runs/sft/quickstart/final "
+                  "--run-dir runs/pairs/quickstart. Shipped recipes: " + _recipes_help("pairs"))
+def data_pairs(
+    overrides: list[str] = OverridesArg,
+    recipe: str = RecipeOpt,
+    model: str = ModelOpt,
+    n: int = typer.Option(None, "--n", min=2, help="Answers sampled per problem (sampling.n)."),
+    k: int = typer.Option(None, "--k", min=1, help="Pairs per problem at most (pairs.max_per_problem)."),
+    limit: int = typer.Option(None, "--limit", min=1, help="First N problems (data.limit)."),
+    run_dir: Path = RunDirOpt,
+    resume: bool = ResumeOpt,
+    dry_run: bool = DryRunOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    run_step("pairs", recipe=recipe, overrides=overrides, aliases={
+        "model.path": model, "sampling.n": n, "pairs.max_per_problem": k, "data.limit": limit},
+        run_dir=run_dir, resume=resume, dry_run=dry_run, as_json=json_out, slurm=False, submit=False,
+        command="data pairs")
 
 
 @data_app.command("prepare", help="Prepare SFT (tokenized, loss-masked, optionally packed) or RL (prompt + "

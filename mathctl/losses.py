@@ -193,3 +193,40 @@ def plain_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
     shape = targets.shape
     logp, ent = _from_logits(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), temperature, entropy)
     return logp.reshape(shape), None if ent is None else ent.reshape(shape)
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (peft and DDP wrappers peeled; FSDP2 keeps the class)."""
+    import inspect
+
+    inner = model
+    while True:
+        if hasattr(inner, "get_base_model"):
+            inner = inner.get_base_model()
+        elif type(inner).__name__ == "DistributedDataParallel":
+            inner = inner.module
+        else:
+            break
+    return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
+
+
+def target_logprobs(model: torch.nn.Module, inputs: dict, targets: torch.Tensor, *,
+                    chunk_tokens: int | None = 1024) -> torch.Tensor:
+    """log p(target) at every position of `targets` [B, T] (IGNORE positions give 0), summed per row: [B] fp32.
+
+    Only positions that have a target in some row go through the LM head (`logits_to_keep`), and with
+    `chunk_tokens` the head works that many positions at a time, so no [T, V] fp32 logits are held; a
+    model whose forward changes its logits after the head (or lacks `logits_to_keep`) takes the plain path.
+    `inputs` are the model's other arguments (input_ids, attention_mask, ...)."""
+    inputs = dict(inputs)
+    if accepts_logits_to_keep(model):
+        keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(-1)  # [K] positions with a target in any row
+        inputs["logits_to_keep"] = keep
+        targets = targets[:, keep]
+    if chunk_tokens and chunked_head_supported(model):
+        with head_logprobs(model, targets, chunk_tokens=chunk_tokens) as head:
+            model(**inputs, use_cache=False)
+        return head.logprobs.sum(-1)
+    logits = model(**inputs, use_cache=False).logits  # [B, K, V]
+    logp, _ = plain_logprobs(logits, targets)
+    return logp.sum(-1)

@@ -1,4 +1,4 @@
-"""Per-GPU memory plan of a training step (sft, rm, grpo): what `--dry-run` prints under the recipe.
+"""Per-GPU memory plan of a training step (sft, rm, dpo, grpo): what `--dry-run` prints under the recipe.
 
 Arithmetic over the model's architecture and the recipe, so a run that cannot fit is caught before
 a cluster job starts. The architecture comes from the model folder's config.json (`model.path` a
@@ -38,7 +38,9 @@ compute dtype (bf16: 2, fp32: 4), T tokens in one micro-batch, L layers, V vocab
                final norm and the head's input, (4 + r + c) h.
   logits       the LM head's fp32 buffers (logits, log-softmax, their gradient: 3 x 4 bytes x V) for
                train.logits_chunk_tokens positions at a time, all of them when it is null; positions are
-               T for sft, micro_batch_size x max_completion_len for grpo; rm's head has one output (0)
+               T for sft, micro_batch_size x max_completion_len for grpo, 2 x micro_batch_size x max_seq_len
+               for dpo (the chosen and the rejected rows); rm's head has one output (0). dpo holds no reference
+               model (its reference log-probs are cached, or the LoRA base with the adapters off)
   reference    grpo with grpo.beta > 0 and no LoRA: a frozen fp32 copy of the policy, sharded like it under FSDP2
                (4P / processes; its layers are gathered one at a time like the policy's), whole under DDP
                or on one process (4P)
@@ -69,7 +71,7 @@ from typing import Any
 
 GIB = 2**30
 DEFAULT_GPU_GIB = 80.0
-PLANNED_STEPS = ("sft", "rm", "grpo")
+PLANNED_STEPS = ("sft", "rm", "dpo", "grpo")
 
 
 # --- architecture ------------------------------------------------------------------------------
@@ -94,6 +96,8 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": _R1_DISTILL_QWEN_1_5B,
     "agentica-org/DeepScaleR-1.5B-Preview": _R1_DISTILL_QWEN_1_5B,  # fine-tuned from the model above
     "meta-llama/Llama-3.1-8B": _config("llama", 4096, 14336, 32, 32, 8, 128256, tie=False),
+    # Llama 3.1 8B with Tulu 3's added tokens (vocab 128264; allenai/Llama-3.1-Tulu-3-8B config.json)
+    "allenai/Llama-3.1-Tulu-3-8B-SFT": _config("llama", 4096, 14336, 32, 32, 8, 128264, tie=False),
     # OLMo-style layers with RMSNorm on all query and key channels (the HF conversion of AMD's own config)
     "amd/Instella-3B-Instruct": _config("instella", 2560, 6912, 36, 32, 32, 50304, tie=False),
 }
@@ -427,11 +431,14 @@ def _tokens(step: str, cfg: Any) -> tuple[int, int, int]:
         return train.micro_batch_size * seq, seq, train.micro_batch_size * cfg.grpo.max_completion_len
     if step == "rm":  # chosen and rejected texts go through one forward
         return 2 * train.micro_batch_size * train.max_seq_len, train.max_seq_len, 0
+    if step == "dpo":  # chosen and rejected rows in one forward; their response positions go through the LM head
+        rows = 2 * train.micro_batch_size
+        return rows * train.max_seq_len, train.max_seq_len, rows * train.max_seq_len
     return train.micro_batch_size * train.max_seq_len, train.max_seq_len, train.micro_batch_size * train.max_seq_len
 
 
 def plan_memory(step: str, cfg: Any) -> MemoryPlan | None:
-    """The memory plan of a validated sft, rm or grpo config; None for other steps."""
+    """The memory plan of a validated sft, rm, dpo or grpo config; None for other steps."""
     if step not in PLANNED_STEPS:
         return None
     arch, source = read_architecture(cfg.model)

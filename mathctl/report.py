@@ -28,7 +28,9 @@ CURVES = [
                                                   ("reward/*", "")]),
     ("kl", "KL to the reference", "KL (k3)", [("kl", "KL")]),
     ("completion_len", "Completion length", "tokens", [("completion_len", "mean completion length")]),
-    ("accuracy", "Accuracy", "accuracy", [("accuracy", "train"), ("eval_accuracy", "held out")]),
+    ("accuracy", "Accuracy", "accuracy", [("accuracy", "train"), ("eval_accuracy", "held out"),
+                                          ("eval_likelihood_accuracy", "held out, likelihood (dpo)")]),
+    ("margin", "Reward margin (chosen - rejected)", "margin", [("rewards/margin", "train"), ("eval_margin", "held out")]),
 ]
 
 

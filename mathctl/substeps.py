@@ -33,7 +33,8 @@ def run_substep(step: str, recipe: str, overrides: list[str], settings: dict[str
     resume = (folder / "recipe.yaml").is_file()
     run = RunDir.create(folder, recipe_yaml=dump_yaml(cfg), step=step, resume=resume, seeds=cfg.seeds())
     log(f"{step}: run folder {folder}" + (" (resumed)" if resume else ""))
-    if launching.needs_launcher(cfg.launch) and not getattr(module, "PLACES_ITS_PROCESSES", False):
+    launch = getattr(cfg, "launch", None)  # `data pairs` has none: it runs here
+    if launch is not None and launching.needs_launcher(launch) and not getattr(module, "PLACES_ITS_PROCESSES", False):
         code = launching.launch_local(cfg.launch, run.recipe_path, user_error=lambda: bool(run.read_meta().get("error")))
         if code != 0:
             raise DataError(f"the {step} run in {folder} failed (exit {code})",

@@ -1,4 +1,4 @@
-"""Training plumbing shared by sft, rm and grpo: processes, sharding, optimiser, checkpoints, plots.
+"""Training plumbing shared by sft, rm, dpo and grpo: processes, sharding, optimiser, checkpoints, plots.
 
 Sharding is ours, not accelerate's (ARCHITECTURE.md, Launch): `accelerate launch` starts the
 processes; here each one joins the process group, wraps every decoder layer and then the root with

@@ -14,6 +14,7 @@ from mathctl.core.errors import ConfigError, MathctlError
 STEPS = {"sft": ("mathctl.sft", "SFTConfig"), "eval": ("mathctl.evaluate", "EvalConfig"),
          "data": ("mathctl.data", "PrepareConfig"), "rm": ("mathctl.rm", "RMConfig"),
          "grpo": ("mathctl.grpo", "GRPOConfig"), "mcts": ("mathctl.mcts_sample", "MCTSConfig"),
+         "dpo": ("mathctl.dpo", "DPOConfig"), "pairs": ("mathctl.pairs", "PairsConfig"),
          "pipeline": ("mathctl.pipeline", "PipelineConfig")}
 RECIPELESS = {"convert-ckpt": "mathctl.convert"}  # steps without a recipe (their config is their arguments)
 

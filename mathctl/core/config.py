@@ -78,7 +78,7 @@ class LaunchConfig(Strict):
     reshard_after_forward: bool = Field(True, description="FSDP2: free gathered weights after forward (ZeRO-3 style).")
     gpu_memory_gb: float | None = Field(
         None, gt=0, description="Memory of one GPU in GiB (80 for an 80 GB card), for the memory plan `--dry-run` prints "
-        "for sft, rm and grpo; default: the visible GPU's, else 80 assumed.")
+        "for sft, rm, dpo and grpo; default: the visible GPU's, else 80 assumed.")
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
     @model_validator(mode="after")

@@ -112,7 +112,7 @@ def test_every_shipped_recipe_validates(path):
     # the header comment block says what it is and how to run it
     head = path.read_text().splitlines()[0]
     assert head.startswith("#"), f"{path} must start with a comment block"
-    command = {"data": "data prepare", "mcts": "mcts-sample"}.get(step, step)
+    command = {"data": "data prepare", "pairs": "data pairs", "mcts": "mcts-sample"}.get(step, step)
     assert f"mathctl {command} --recipe {path.stem}" in path.read_text()
 
 

@@ -8,7 +8,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "mathctl"
-STEPS = {"sft", "rm", "grpo", "evaluate", "mcts_sample", "data", "report", "pipeline", "convert", "decontaminate"}
+STEPS = {"sft", "rm", "grpo", "dpo", "evaluate", "mcts_sample", "data", "pairs", "report", "pipeline", "convert",
+         "decontaminate"}
 
 
 def imported_modules(path: Path) -> set[str]:

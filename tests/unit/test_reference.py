@@ -36,7 +36,7 @@ def test_committed_reference_is_current():
 def test_steps_in_lifecycle_order_and_complete():
     steps = ordered_steps()
     assert sorted(steps) == sorted(STEPS)
-    core = [s for s in ("data", "sft", "rm", "grpo", "mcts", "eval") if s in STEPS]
+    core = [s for s in ("data", "pairs", "sft", "rm", "dpo", "grpo", "mcts", "eval") if s in STEPS]
     assert steps[: len(core)] == core
 
 
