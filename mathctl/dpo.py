@@ -405,6 +405,8 @@ def run(cfg: DPOConfig, run_dir: RunDir) -> dict[str, Any]:
     def compute_reference(items: list[dict[str, Any]]) -> dict[int, tuple[float, float]]:
         """Reference log-probs of `items` by pair id, in the micro-batches evaluation uses (held_out_share):
         at step 0 the held-out policy log-probs then equal these bit for bit, and every margin is exactly 0."""
+        if not items:
+            return {}
         values = torch.zeros(len(items), 2, dtype=torch.float64)
         position = {p["id"]: k for k, p in enumerate(items)}
         model.eval()

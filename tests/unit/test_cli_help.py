@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-COMMANDS = [["sft"], ["rm"], ["grpo"], ["mcts-sample"], ["pipeline"], ["report"], ["tiny-model"], ["convert-ckpt"],
-            ["grade"], ["eval"], ["data", "synthetic"], ["data", "prepare"], ["data", "decontaminate"]]
+COMMANDS = [["sft"], ["rm"], ["dpo"], ["grpo"], ["mcts-sample"], ["pipeline"], ["report"], ["tiny-model"],
+            ["convert-ckpt"], ["grade"], ["eval"], ["data", "synthetic"], ["data", "prepare"], ["data", "pairs"],
+            ["data", "decontaminate"]]
 
 
 def mathctl(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -20,7 +21,7 @@ def mathctl(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def test_top_level_help_lists_every_command_and_completion():
     out = mathctl("--help")
     assert out.returncode == 0
-    for name in ("sft", "rm", "grpo", "mcts-sample", "pipeline", "report", "convert-ckpt", "eval", "data"):
+    for name in ("sft", "rm", "dpo", "grpo", "mcts-sample", "pipeline", "report", "convert-ckpt", "eval", "data"):
         assert name in out.stdout
     text = " ".join(out.stdout.split())
     assert "--install-completion" in text and "mathctl pipeline --recipe quickstart" in text

@@ -56,7 +56,7 @@ def test_simpo_needs_no_reference():
     # average log-probs -10 / 4 = -2.5 and -12 / 2 = -6; beta 2, gamma 1 -> -log sigmoid(2 * 3.5 - 1)
     loss, rc, rr = _loss("simpo", 2.0, gamma=1.0)
     assert loss == pytest.approx(_softplus_neg(6.0), abs=1e-7)
-    assert loss == pytest.approx(0.0024726, abs=1e-6)
+    assert loss == pytest.approx(0.0024757, abs=1e-6)
     assert (rc, rr) == pytest.approx((-5.0, -12.0))
     t = lambda v: torch.tensor([v])  # noqa: E731
     again, _, _ = preference_loss("simpo", t(PI_C), t(PI_R), None, None, t(LEN_C), t(LEN_R), beta=2.0, gamma=1.0)
