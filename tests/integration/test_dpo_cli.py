@@ -133,30 +133,51 @@ def _in_process(capsys, *argv: str):
 
 
 def test_lora_reference_cached_equals_adapters_off(tiny_model, pair_file, tmp_path, capsys):
-    """On a LoRA model the cached reference (computed before training) and the adapters-off reference (recomputed
-    every step from the base under the trained adapters) are the same model: the same losses step by step."""
+    """On a LoRA model the cached reference (computed once before training) and the adapters-off reference
+    (recomputed every step from the base under the adapters) are the same: the runs agree on the held-out figures
+    at step 0 and the first step's loss, and the base under the trained adapters still gives the cached numbers.
+    (Later steps are not compared: Adam at this lr turns the ~1e-7 rounding difference between micro-batch
+    layouts into visibly different weights within a few steps.)"""
+    from mathctl import dpo
+    from mathctl.core.config import ModelSpec
+    from mathctl.models import load_tokenizer
+
     runs = {}
     for reference in ("cached", "adapters_off"):
         run = tmp_path / reference
         result = _in_process(capsys, "dpo", *_args(tiny_model, pair_file, "lora.enabled=true", "lora.r=4",
-                                                   f"dpo.reference={reference}", "train.max_steps=6",
-                                                   "train.lr=2e-2", "train.eval_every_steps=3",
+                                                   f"dpo.reference={reference}", "train.max_steps=4",
+                                                   "train.lr=2e-2", "train.eval_every_steps=4",
                                                    "output.save_every_steps=null", "output.plots=false"),
                              "--run-dir", str(run), "--json")
         assert result.returncode == 0, result.stderr[-3000:]
         runs[reference] = run
     cached, off = _metrics(runs["cached"]), _metrics(runs["adapters_off"])
-    assert (runs["cached"] / "reference_logps.json").is_file()
     assert not (runs["adapters_off"] / "reference_logps.json").exists()
-    assert len(cached) == len(off) == 7
-    for a, b in zip(cached, off):
+    for a, b in zip(cached[:2], off[:2]):  # step 0 (held out) and step 1 (train)
         for key in ("loss", "rewards/chosen", "rewards/rejected", "eval_loss", "eval_margin"):
             if key in a:
-                assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
-    assert cached[-1]["loss"] < cached[1]["loss"]  # the adapters moved: the comparison is not between no-ops
-    a = load_file(runs["cached"] / "final" / "adapter" / "adapter_model.safetensors")
-    b = load_file(runs["adapters_off"] / "final" / "adapter" / "adapter_model.safetensors")
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+                assert b[key] == pytest.approx(a[key], abs=1e-6), (a["step"], key)
+
+    # the base under the adapters the adapters_off run trained: adapters off give the cache, on they do not
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cache = json.loads((runs["cached"] / "reference_logps.json").read_text())["logps"]
+    tokenizer = load_tokenizer(ModelSpec(path=str(tiny_model), chat_template="chatml"))
+    data = dpo.DPOData(source=str(pair_file))
+    pairs, _ = dpo.encode_pairs(dpo.load_pair_rows(data), data, tokenizer, 256)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model),
+                                      runs["adapters_off"] / "final" / "adapter").eval()
+    batch = dpo.collate_pairs(pairs[:8], tokenizer.pad_token_id)
+    with torch.no_grad():
+        on = torch.cat(dpo.pair_logprobs(model, batch, "cpu", 1024))
+        with model.disable_adapter():
+            off_values = torch.cat(dpo.pair_logprobs(model, batch, "cpu", 1024))
+    want = torch.tensor([cache[str(p["id"])][0] for p in pairs[:8]] + [cache[str(p["id"])][1] for p in pairs[:8]])
+    assert torch.allclose(off_values.double(), want.double(), atol=1e-4), (off_values - want).abs().max()
+    assert (on - want).abs().max() > 1e-2  # the adapters did move: the check is not between two copies of the base
 
 
 @pytest.mark.parametrize("content, message", [
