@@ -158,3 +158,22 @@ def test_choose_pairs_is_seeded_distinct_and_spreads_answers():
     assert {c for c, _ in first} == set(correct) and len({w for _, w in first}) == 3  # no answer used twice
     assert set(choose_pairs(correct, wrong, 100, random.Random(0))) == {(c, w) for c in correct for w in wrong}
     assert choose_pairs([], wrong, 2, random.Random(0)) == [] and choose_pairs(correct, [], 2, random.Random(0)) == []
+
+
+def test_pipeline_stages_pass_pairs_to_dpo(tmp_path):
+    from mathctl.pipeline import PipelineConfig, Stage, headline, outputs_of
+
+    cfg = PipelineConfig(stages=[
+        {"name": "pairs", "step": "pairs", "recipe": "quickstart-pairs", "overrides": ["model.path=m"]},
+        {"name": "dpo", "step": "dpo", "recipe": "quickstart-dpo", "overrides": ["data.source={stages.pairs.path}"]}])
+    pairs_stage, dpo_stage = cfg.stages
+    pairs_summary = {"status": "completed", "path": str(tmp_path / "pairs.jsonl"), "pairs": 10, "with_both": 5,
+                     "problems": 8, "sample_accuracy": 0.5}
+    assert outputs_of(pairs_stage, pairs_summary, tmp_path)["path"] == str(tmp_path / "pairs.jsonl")
+    assert headline(pairs_stage, pairs_summary, tmp_path).startswith("10 pairs from 5 of 8 problems")
+    dpo_summary = {"final_dir": str(tmp_path / "final"), "eval_accuracy": 0.75, "eval_accuracy_start": 0.0,
+                   "eval_likelihood_accuracy": 0.8, "eval_likelihood_accuracy_start": 0.6, "eval_margin": 0.4}
+    assert outputs_of(dpo_stage, dpo_summary, tmp_path)["final"] == str(tmp_path / "final")
+    assert headline(dpo_stage, dpo_summary, tmp_path) == ("held-out preference accuracy 0.000 -> 0.750, likelihood "
+                                                          "accuracy 0.600 -> 0.800, margin 0.400")
+    assert isinstance(pairs_stage, Stage)
