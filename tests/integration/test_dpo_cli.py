@@ -157,7 +157,7 @@ def test_lora_reference_cached_equals_adapters_off(tiny_model, pair_file, tmp_pa
     for a, b in zip(cached[:2], off[:2]):  # step 0 (held out) and step 1 (train)
         for key in ("loss", "rewards/chosen", "rewards/rejected", "eval_loss", "eval_margin"):
             if key in a:
-                assert b[key] == pytest.approx(a[key], abs=1e-6), (a["step"], key)
+                assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
 
     # the base under the adapters the adapters_off run trained: adapters off give the cache, on they do not
     import torch

@@ -177,3 +177,16 @@ def test_pipeline_stages_pass_pairs_to_dpo(tmp_path):
     assert headline(dpo_stage, dpo_summary, tmp_path) == ("held-out preference accuracy 0.000 -> 0.750, likelihood "
                                                           "accuracy 0.600 -> 0.800, margin 0.400")
     assert isinstance(pairs_stage, Stage)
+
+
+def test_memory_plan_counts_both_rows_and_no_reference_model():
+    from mathctl.core.config import load_recipe
+    from mathctl.dpo import DPOConfig
+    from mathctl.memory_plan import plan_memory
+
+    cfg, _ = load_recipe("dpo", DPOConfig, "tulu3-dpo-8b", ["launch.gpu_memory_gb=80"])
+    plan = plan_memory("dpo", cfg)
+    assert plan.known and plan.tokens == 2 * 1 * 2048  # the chosen and the rejected row of one pair
+    assert plan.parts["reference"] == 0  # cached log-probs, no second model
+    assert plan.parts["logits"] == 3 * 4 * 1024 * 128264  # logits_chunk_tokens positions at a time
+    assert plan.total < 80 * 2**30
