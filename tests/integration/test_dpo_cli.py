@@ -74,10 +74,12 @@ def test_dpo_trains_logs_and_writes_a_loadable_final(dpo_run):
     assert start["step"] == 0 and start["eval_margin"] == 0.0 and start["eval_accuracy"] == 0.0
     assert start["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
     first, last = metrics[1], metrics[-1]
-    assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    # the recipe adds the chosen answers' token-mean NLL (dpo.sft_weight 1) to the preference loss
+    assert first["step"] == 1 and first["preference_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert first["loss"] == pytest.approx(first["preference_loss"] + first["sft_nll"], abs=1e-6)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margin", "accuracy", "lr", "grad_norm"):
         assert key in first
-    assert last["step"] == 80 and last["loss"] < math.log(2) and last["rewards/margin"] > 0
+    assert last["step"] == 80 and last["preference_loss"] < math.log(2) and last["rewards/margin"] > 0
     assert [m["step"] for m in metrics if "eval_accuracy" in m] == [0, 40, 80]
     assert {p.name for p in (run / "plots").glob("*.png")} >= {"loss.png", "margin.png", "accuracy.png"}
     cache = json.loads((run / "reference_logps.json").read_text())
