@@ -1130,6 +1130,9 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
             head, tail = metrics[: min(10, len(metrics))], metrics[-min(10, len(metrics)):]
             summary["reward_first10"] = sum(r["reward"] for r in head) / len(head)
             summary["reward_last10"] = sum(r["reward"] for r in tail) / len(tail)
+            if g.dynamic_sampling:  # `reward` is the kept groups'; gen_reward the policy's over every completion
+                summary["gen_reward_first10"] = sum(r["gen_reward"] for r in head) / len(head)
+                summary["gen_reward_last10"] = sum(r["gen_reward"] for r in tail) / len(tail)
             summary["last"] = {k: v for k, v in last.items() if not k.endswith("_s")}
         if cfg.output.plots and metrics:
             series = [("reward", "mean reward")] + [(f"reward/{n}", n) for n in reward_names if len(reward_names) > 1]

@@ -95,7 +95,9 @@ def test_flat_groups_are_replaced_and_a_resume_redraws_the_same(lively_model, tm
     refilled = [m["step"] for m in metrics if m["gen_batches"] > 1]
     assert any(s <= 2 for s in refilled) and any(s > 2 for s in refilled), refilled  # before and after the cut
     assert sum(m["groups_dropped"] for m in metrics) > 0
-    assert json.loads((straight / "summary.json").read_text())["prompts_drawn"] == position
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary["prompts_drawn"] == position
+    assert summary["gen_reward_first10"] == pytest.approx(sum(m["gen_reward"] for m in metrics) / 6)
     capsys.readouterr()
 
     # resume from the step-2 checkpoint, whose data position is past 2 x P: the same prompts, seeds,
@@ -125,8 +127,8 @@ def test_flat_groups_are_replaced_and_a_resume_redraws_the_same(lively_model, tm
 
 @pytest.mark.parametrize("advantage", ["rloo", "reinforce_pp"])
 def test_other_advantages_and_too_few_groups(lively_model, tmp_path, monkeypatch, capsys, advantage):
-    """With one generation batch a step at most, dynamic sampling is group filtering: a step whose batch
-    holds flat groups goes on with fewer groups (a warning; the flat groups carry no loss), under rloo and
+    """With one generation batch a step at most, nothing is refilled: a step whose batch holds flat groups
+    goes on with fewer groups (a warning; the flat groups, moved last, carry no loss), under rloo and
     reinforce_pp too (reinforce_pp whitens over the kept groups only)."""
     from mathctl.grpo import rewards_equal
 
