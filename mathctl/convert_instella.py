@@ -171,7 +171,7 @@ def hf_config_from_olmo(model: dict[str, Any], dims: Dims) -> dict[str, Any]:
         "pad_token_id": cfg["pad_token_id"], "eos_token_id": cfg["eos_token_id"],
         "bos_token_id": cfg["eos_token_id"],  # Instella has no BOS token; its converter uses EOS
         "rms_norm_eps": RMS_EPS, "rope_theta": ROPE_THETA, "hidden_act": "silu", "attention_bias": False,
-        "attention_dropout": cfg["attention_dropout"], "rope_scaling": None, "use_cache": True,
+        "attention_dropout": cfg["attention_dropout"], "use_cache": True,
         "initializer_range": 0.02,
     }
 

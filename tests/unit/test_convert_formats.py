@@ -187,6 +187,14 @@ def test_verl_checkpoint_converts_bit_exact(verl_checkpoints, tmp_path, layout):
     _assert_bit_exact(_loaded_state(tmp_path / "hf"), torch.load(verl_checkpoints / "full_expected.pt", weights_only=True))
 
 
+def test_a_global_step_folder_finds_verl_actor_or_skyrl_policy(verl_checkpoints, tmp_path):
+    for sub in ("actor", "policy"):
+        step = tmp_path / sub / "global_step_5"
+        shutil.copytree(verl_checkpoints / "single", step / sub)
+        summary = convert(step, tmp_path / f"out-{sub}", progress_bar=False)
+        assert summary["from"] == "verl" and f"global_step_5/{sub}" in summary["notes"][0]
+
+
 def test_verl_fixture_holds_uneven_dtensor_shards(verl_checkpoints):
     """The fixture is what the tests claim: every value a DTensor shard, the odd vocabulary split 2 ways
     unevenly (torch.chunk sizes: the first rank holds one row more)."""
@@ -198,6 +206,25 @@ def test_verl_fixture_holds_uneven_dtensor_shards(verl_checkpoints):
         assert sum(r[key]._local_tensor.shape[0] for r in ranks) == value.shape[0], key
     embed = [r["model.embed_tokens.weight"]._local_tensor.shape[0] for r in ranks]
     assert embed[0] == embed[1] + 1
+
+
+def test_the_allow_list_alone_loads_every_layout(verl_checkpoints):
+    """torch registers the DTensor classes as safe itself when torch.distributed.tensor is imported; with
+    that registry emptied, the reader's own allow-list still loads FSDP, HSDP and LoRA rank files."""
+    from mathctl.convert_verl import _load_rank, _safe_globals
+
+    _safe_globals()  # imports torch.distributed.tensor (and so fills torch's registry) before it is emptied
+    saved = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    try:
+        for name in ("full/model_world_size_2_rank_1.pt", "hsdp/model_world_size_4_rank_3.pt",
+                     "lora/model_world_size_2_rank_0.pt"):
+            assert _load_rank(verl_checkpoints / name)
+        with pytest.raises(Exception, match="DTensor"):  # and without it they do not load
+            torch.load(verl_checkpoints / "full/model_world_size_2_rank_1.pt", weights_only=True)
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(saved)
 
 
 def test_verl_lora_is_merged_as_peft_merges(verl_checkpoints, tmp_path):
