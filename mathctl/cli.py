@@ -511,15 +511,19 @@ def data_prepare(
 
 @app.command("convert-ckpt", help="Convert checkpoints: DCP, FSDP run checkpoints, .pt state dicts and LoRA "
              "adapters to and from Hugging Face folders (sharded safetensors), verified after writing; GGUF files "
-             "(llama.cpp) to dequantised Hugging Face folders. Example: mathctl convert-ckpt "
+             "(llama.cpp) and verl/SkyRL FSDP actor checkpoints to Hugging Face folders; Instella's OLMo-style "
+             "model.pt to and from Hugging Face Instella folders. Example: mathctl convert-ckpt "
              "runs/sft/NAME out/hf --dtype bf16")
 def convert_ckpt(
     src: Path = typer.Argument(..., help="Checkpoint: HF folder, DCP folder, mathctl run or step folder, .pt file, "
-                               "LoRA adapter folder, or .gguf file."),
+                               "LoRA adapter folder, .gguf file, verl actor folder (global_step_N/actor) or Instella "
+                               "checkpoint folder (model.pt + config.yaml)."),
     dst: Path = typer.Argument(None, help="Output folder (a new or empty one); not needed with --dry-run."),
-    fmt_from: str = typer.Option(None, "--from", help="hf, dcp, fsdp (a mathctl run), torch (.pt), lora or gguf "
-                                 "[default: detected]."),
-    fmt_to: str = typer.Option("hf", "--to", help="hf, dcp or torch."),
+    fmt_from: str = typer.Option(None, "--from", help="hf, dcp, fsdp (a mathctl run), torch (.pt), lora, gguf, "
+                                 "verl (model_world_size_W_rank_R.pt files, also SkyRL) or olmo (alias instella: "
+                                 "Instella's unsharded model.pt) [default: detected]."),
+    fmt_to: str = typer.Option("hf", "--to", help="hf, dcp, torch, or olmo (alias instella: a Hugging Face Instella "
+                               "model as Instella's model.pt + config.yaml)."),
     base_model: str = typer.Option(None, "--base-model", help="Hub id or folder with config.json and the tokenizer, "
                                    "when SRC lacks them (and the base of a LoRA adapter)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (as stored; float32 for a dequantised GGUF), bf16, fp16 "
