@@ -554,15 +554,19 @@ def data_prepare(
 
 @app.command("convert-ckpt", help="Convert checkpoints: DCP, FSDP run checkpoints, .pt state dicts and LoRA "
              "adapters to and from Hugging Face folders (sharded safetensors), verified after writing; GGUF files "
-             "(llama.cpp) to dequantised Hugging Face folders. Example: mathctl convert-ckpt "
+             "(llama.cpp) and verl/SkyRL FSDP actor checkpoints to Hugging Face folders; Instella's OLMo-style "
+             "model.pt to and from Hugging Face Instella folders. Example: mathctl convert-ckpt "
              "runs/sft/NAME out/hf --dtype bf16")
 def convert_ckpt(
     src: Path = typer.Argument(..., help="Checkpoint: HF folder, DCP folder, mathctl run or step folder, .pt file, "
-                               "LoRA adapter folder, or .gguf file."),
+                               "LoRA adapter folder, .gguf file, verl actor folder (global_step_N/actor) or Instella "
+                               "checkpoint folder (model.pt + config.yaml)."),
     dst: Path = typer.Argument(None, help="Output folder (a new or empty one); not needed with --dry-run."),
-    fmt_from: str = typer.Option(None, "--from", help="hf, dcp, fsdp (a mathctl run), torch (.pt), lora or gguf "
-                                 "[default: detected]."),
-    fmt_to: str = typer.Option("hf", "--to", help="hf, dcp or torch."),
+    fmt_from: str = typer.Option(None, "--from", help="hf, dcp, fsdp (a mathctl run), torch (.pt), lora, gguf, "
+                                 "verl (model_world_size_W_rank_R.pt files, also SkyRL) or olmo (alias instella: "
+                                 "Instella's unsharded model.pt) [default: detected]."),
+    fmt_to: str = typer.Option("hf", "--to", help="hf, dcp, torch, or olmo (alias instella: a Hugging Face Instella "
+                               "model as Instella's model.pt + config.yaml)."),
     base_model: str = typer.Option(None, "--base-model", help="Hub id or folder with config.json and the tokenizer, "
                                    "when SRC lacks them (and the base of a LoRA adapter)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (as stored; float32 for a dequantised GGUF), bf16, fp16 "
@@ -663,6 +667,8 @@ def grade(
 @app.command("eval", help="Evaluate a model on math benchmarks: mathctl eval math500,aime2024 --model PATH. "
              "Writes results.jsonl (appended as it goes; --resume skips finished problems) and summary.json. "
              "`mathctl eval merge DIR... --run-dir OUT` combines the runs of --shard i/N. "
+             "`mathctl eval processbench --prm PATH` judges a process reward model instead: the earliest wrong "
+             "step of ProcessBench's solutions (F1 per split; no --model). "
              "Tasks: " + ", ".join(BENCHMARKS)
              + ". Shipped recipes: " + _recipes_help("eval"))
 def eval_cmd(
@@ -682,7 +688,9 @@ def eval_cmd(
     min_score: float = typer.Option(None, "--min-score", help="Exit 3 if a task scores below this (eval.min_score)."),
     backend: str = typer.Option(None, "--backend", help="auto, hf or vllm (engine.backend)."),
     prm: str = typer.Option(None, "--prm", help="Reward model folder (a `mathctl rm` final/): scores every sample, "
-                            "adds bon@k (eval.prm; eval.prm_aggregate=last|min)."),
+                            "adds bon@k (eval.prm; eval.prm_aggregate=last|min); with processbench, the model judged."),
+    threshold: float = typer.Option(None, "--threshold", help="processbench: a step scoring below this is an error "
+                                    "(eval.processbench.threshold; default: chosen on a calibration part)."),
     run_dir: Path = RunDirOpt,
     resume: bool = ResumeOpt,
     dry_run: bool = DryRunOpt,
@@ -712,10 +720,15 @@ def eval_cmd(
     aliases = {"model.path": model, "eval.tasks": task_list, "eval.n": n, "eval.temperature": temperature,
                "eval.top_p": top_p, "eval.max_new_tokens": max_new_tokens, "eval.limit": limit,
                "eval.data_dir": data_dir, "eval.shard": shard, "eval.min_score": min_score, "engine.backend": backend,
-               "eval.prm": prm}
+               "eval.prm": prm, "eval.processbench.threshold": threshold}
     if resume and recipe is None and not overrides and all(v is None for v in aliases.values()):
         recipe = _saved_recipe("eval", run_dir)
-    if recipe is None and model is None and not any(o.startswith("model.path=") for o in overrides):
+    named_processbench = any(t.lower() == evaluate.PROCESSBENCH for t in task_list or [])
+    if named_processbench and model is not None:
+        raise ConfigError("processbench judges the reward model given with --prm on ProcessBench's own solutions; "
+                          "it uses no --model", hint="mathctl eval processbench --prm runs/rm/NAME/final")
+    if (recipe is None and model is None and not named_processbench
+            and not any(o.startswith("model.path=") for o in overrides)):
         from mathctl.core.defaults import MODEL_ENV, PROJECT_FILE, project_defaults
 
         if "model" not in project_defaults():
@@ -733,10 +746,12 @@ def eval_cmd(
                           "machine, started by an sbatch script", hint="add --slurm to write (and --submit to submit) "
                           "it, or run one --shard i/N per machine and `mathctl eval merge` them")
     _quiet_libraries()
+    judging_prm = evaluate.is_processbench(cfg)
     if not slurm:  # the script runs where the model and data are; nothing here needs to reach them
         from mathctl.models import resolve_model_path
 
-        resolve_model_path(cfg.model.path)
+        if not judging_prm:
+            resolve_model_path(cfg.model.path)
         if cfg.eval.prm:
             resolve_model_path(cfg.eval.prm)  # a missing reward model fails before a run folder exists
         problems = evaluate.load_tasks(cfg)  # unknown files fail here, before a run folder exists
@@ -748,7 +763,12 @@ def eval_cmd(
         import re as _re
 
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        label = _re.sub(r"[^A-Za-z0-9._-]+", "-", Path(cfg.model.path.rstrip("/")).name or cfg.model.path).strip("-")
+        if judging_prm:  # runs/rm/NAME/final -> processbench-NAME
+            prm_path = Path(cfg.eval.prm.rstrip("/"))
+            label = "processbench-" + (prm_path.parent.name if prm_path.name == "final" else prm_path.name)
+        else:
+            label = cfg.model.path
+        label = _re.sub(r"[^A-Za-z0-9._-]+", "-", Path(label.rstrip("/")).name or label).strip("-")
         run_dir = Path(cfg.output.root) / "eval" / (cfg.output.name or f"{label}-{stamp}")
     run = RunDir.create(run_dir, recipe_yaml=dump_yaml(cfg), step="eval", resume=resume, seeds=cfg.seeds())
     log(f"run folder: {run.path}")

@@ -1,7 +1,8 @@
 """`mathctl convert-ckpt`: checkpoints between PyTorch DCP, `.pt` state dicts, mathctl's FSDP run
 checkpoints, LoRA adapters and Hugging Face folders.
 
-    mathctl convert-ckpt SRC DST [--from hf|dcp|fsdp|torch|lora] [--to hf|dcp|torch] [--base-model M]
+    mathctl convert-ckpt SRC DST [--from hf|dcp|fsdp|torch|lora|gguf|verl|olmo] [--to hf|dcp|torch|olmo]
+                         [--base-model M]
 
 Sources (`--from`, detected when left out):
     hf     a Hugging Face folder: model.safetensors, or shards + model.safetensors.index.json
@@ -17,6 +18,13 @@ Sources (`--from`, detected when left out):
     gguf   a llama.cpp `.gguf` file (detected by its extension or its `GGUF` magic bytes), read
            by transformers' GGUF loader and dequantised to float32; config, generation config and
            tokenizer (with its chat template) are rebuilt from the file's metadata
+    verl   a verl/SkyRL FSDP actor folder: one `model_world_size_W_rank_R.pt` per rank (DTensor shards,
+           loaded weights-only), `fsdp_config.json`, `huggingface/`; LoRA merged (`convert_verl.py`)
+    olmo   (alias instella) Instella's unsharded OLMo-style `model.pt` + `config.yaml`, seen under
+           Hugging Face Instella names with fused q/k/v and up/gate split (`convert_instella.py`)
+
+Targets (`--to`): hf (default), dcp, torch (one `.pt`), and olmo/instella, which fuses a Hugging Face
+Instella model back into Instella's `model.pt` + `config.yaml`.
 
 Key surgery (every source): wrapper segments that training code inserts are removed anywhere in a
 name (`_fsdp_wrapped_module.`, `_orig_mod.` from torch.compile, `_checkpoint_wrapped_module.`,
@@ -58,8 +66,9 @@ import torch
 
 from mathctl.core.errors import CheckpointError, ConfigError
 
-FROM_FORMATS = ("hf", "dcp", "fsdp", "torch", "lora", "gguf")
-TO_FORMATS = ("hf", "dcp", "torch")
+FROM_FORMATS = ("hf", "dcp", "fsdp", "torch", "lora", "gguf", "verl", "olmo", "instella")
+TO_FORMATS = ("hf", "dcp", "torch", "olmo", "instella")
+OLMO_NAMES = ("olmo", "instella")  # one layout: Instella's OLMo-style unsharded model.pt
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 WRAPPERS = ("_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
@@ -115,12 +124,15 @@ class Source:
     gguf: dict[str, Any] | None = None  # a GGUF source: architecture and the file's own tensors (--dry-run)
     prepare: Callable[[], None] | None = None  # called once before anything is written
     staged: Path | None = None  # a temporary folder (model_dir) removed when the conversion ends
+    origins: dict[str, list[str]] | None = None  # a renaming view: its key -> the stored names it is made of
 
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
         return self.reader(keys)
 
 
 def detect_format(src: Path) -> str:
+    from mathctl.convert_verl import find_actor_folder
+
     if src.is_file():
         if src.suffix == ".safetensors":
             return "hf"
@@ -129,6 +141,10 @@ def detect_format(src: Path) -> str:
         return "torch"
     if (src / "adapter_config.json").is_file():
         return "lora"
+    if find_actor_folder(src) is not None:
+        return "verl"
+    if (src / "model.pt").is_file() and (src / "config.yaml").is_file():
+        return "olmo"
     if (src / ".metadata").is_file():
         return "dcp"
     if (src / "dcp" / ".metadata").is_file() or (src / "checkpoints").is_dir():
@@ -149,7 +165,7 @@ def open_source(src: Path, fmt: str, *, base_model: str | None) -> Source:
     if fmt not in FROM_FORMATS:
         raise ConfigError(f"unknown source format '{fmt}'", hint=f"--from one of: {', '.join(FROM_FORMATS)}")
     opener = {"hf": _open_hf, "dcp": _open_dcp, "fsdp": _open_run, "torch": _open_torch, "lora": _open_lora,
-              "gguf": _open_gguf}[fmt]
+              "gguf": _open_gguf, "verl": _open_verl, "olmo": _open_olmo, "instella": _open_olmo}[fmt]
     source = opener(src, base_model)
     if not source.entries:
         raise CheckpointError(f"{src} holds no tensors", hint=f"is it a {fmt} checkpoint? name the format with --from")
@@ -555,6 +571,111 @@ def _local_model_dir(path: str) -> Path:
     return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
 
 
+# verl / SkyRL ---------------------------------------------------------------------------------
+
+
+def _open_verl(src: Path, base_model: str | None) -> Source:
+    """A verl/SkyRL FSDP actor folder (see `convert_verl`): whole tensors assembled from the ranks' shards."""
+    from mathctl.convert_verl import open_verl
+
+    checkpoint = open_verl(src)
+    entries = {key: Entry(key, shape, dtype) for key, (shape, dtype) in checkpoint.tensors.items()}
+    source = Source("verl", src, entries, checkpoint.read, model_dir=base_model or checkpoint.model_dir,
+                    notes=checkpoint.notes)
+    source.lora = checkpoint.lora  # peft names are renamed and merged by make_plan, as for a LoRA run
+    return source
+
+
+# Instella (OLMo-style) -------------------------------------------------------------------------
+
+
+def _open_olmo(src: Path, base_model: str | None) -> Source:
+    """Instella's unsharded checkpoint (folder with model.pt and config.yaml, or the .pt itself) seen
+    under Hugging Face Instella names (see `convert_instella`); a config.json made from config.yaml is
+    staged in a temporary folder with any tokenizer files found beside model.pt."""
+    import tempfile
+
+    from mathctl.convert_instella import olmo_checkpoint_config
+
+    folder = src if src.is_dir() else src.parent
+    file = src
+    if src.is_dir():
+        file = src / "model.pt"
+        if not file.is_file():
+            found = sorted(p.name for p in src.iterdir() if p.suffix in (".pt", ".pth", ".bin"))
+            if len(found) != 1:
+                raise CheckpointError(f"{src} has no model.pt" + (f" (it holds {', '.join(found)})" if found else ""),
+                                      hint="point SRC at Instella's unsharded checkpoint folder or at its model.pt")
+            file = src / found[0]
+    inner = _open_torch(file, None)
+    dims, hf_config, model_dir, config_note = olmo_checkpoint_config(folder, base_model)
+    source = _olmo_to_hf_view(inner, dims, str(file))
+    source.notes += [f"Instella/OLMo layout: {dims.n_layers} layers, d_model {dims.d_model}, {dims.n_heads} heads "
+                     f"({dims.n_kv_heads} key/value), output head {'tied' if dims.tied else 'untied'}", config_note]
+    if model_dir is None:
+        stage = Path(tempfile.mkdtemp(prefix="mathctl-instella-"))
+        (stage / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        for name in TOKENIZER_FILES:
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, stage / name)
+        source.staged = stage
+        model_dir = str(stage)
+    source.model_dir = model_dir
+    return source
+
+
+def _olmo_to_hf_view(inner: Source, dims: Any, where: str) -> Source:
+    """OLMo names -> Hugging Face Instella names; fused tensors are split on read (row views of the
+    stored tensor, no copy)."""
+    from mathctl.convert_instella import plain_olmo_names, split_plan
+
+    by_name: dict[str, str] = {}
+    for key, name in plain_olmo_names({k: strip_wrappers(k) for k in inner.entries}).items():
+        if name in by_name:
+            raise CheckpointError(f"{where}: {by_name[name]} and {key} are both {name}",
+                                  hint="the state dict mixes wrapped and unwrapped copies; save one model's state dict")
+        by_name[name] = key
+    cut = split_plan({name: inner.entries[key].shape for name, key in by_name.items()}, dims, where)
+    entries = {}
+    for hf, (olmo, _, rows) in cut.items():
+        stored = inner.entries[by_name[olmo]]
+        entries[hf] = Entry(hf, (rows, *stored.shape[1:]), stored.dtype)
+
+    def read(keys: list[str]) -> dict[str, torch.Tensor]:
+        stored = inner.read(sorted({by_name[cut[k][0]] for k in keys}))
+        return {k: stored[by_name[cut[k][0]]].narrow(0, cut[k][1], cut[k][2]) for k in keys}
+
+    return Source("olmo", inner.path, entries, read, model_dir=inner.model_dir, notes=list(inner.notes),
+                  origins={hf: [by_name[olmo]] for hf, (olmo, _, _) in cut.items()})
+
+
+def _hf_to_olmo_view(inner: Source, dims: Any, where: str) -> Source:
+    """Hugging Face Instella names -> OLMo names; q/k/v and up/gate are concatenated on read."""
+    from mathctl.convert_instella import join_plan
+
+    by_name = {strip_wrappers(k): k for k in inner.entries if not DROPPABLE.search(strip_wrappers(k))}
+    joins = join_plan({name: inner.entries[key].shape for name, key in by_name.items()}, dims, where)
+    entries = {}
+    for olmo, parts in joins.items():
+        stored = [inner.entries[by_name[hf]] for hf in parts]
+        dtypes = {e.dtype for e in stored}
+        if len(dtypes) > 1:
+            raise CheckpointError(f"{where}: the parts of {olmo} have different dtypes ({sorted(map(str, dtypes))})",
+                                  hint="give them one with --dtype")
+        entries[olmo] = Entry(olmo, (sum(e.shape[0] for e in stored), *stored[0].shape[1:]), stored[0].dtype)
+
+    def read(keys: list[str]) -> dict[str, torch.Tensor]:
+        stored = inner.read(sorted({by_name[hf] for olmo in keys for hf in joins[olmo]}))
+        out = {}
+        for olmo in keys:
+            parts = [stored[by_name[hf]] for hf in joins[olmo]]
+            out[olmo] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        return out
+
+    return Source(inner.kind, inner.path, entries, read, model_dir=inner.model_dir, notes=list(inner.notes),
+                  origins=joins, staged=inner.staged)
+
+
 # GGUF -----------------------------------------------------------------------------------------
 
 GGUF_MAGIC = b"GGUF"
@@ -792,6 +913,11 @@ def expected_model(model_dir: str | None, trust_remote_code: bool) -> tuple[Any,
     """(config, name -> Entry, tied alias -> the name it shares storage with) from a meta-device model."""
     if model_dir is None:
         return None
+    from mathctl.convert_instella import expected_instella, is_instella_config
+
+    if is_instella_config(model_dir):  # transformers has no Instella class: names and shapes from config.json
+        config, shapes, tied = expected_instella(model_dir)
+        return config, {name: Entry(name, shape, torch.float32) for name, shape in shapes.items()}, tied
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -1199,10 +1325,23 @@ def convert(src: Path, dst: Path | None, *, fmt_from: str | None = None, fmt_to:
         base_model = resolve_model_path(base_model)  # tiny:PRESET, a folder, or a hub id
     source = open_source(src, fmt, base_model=base_model)
     try:
+        if fmt_to in OLMO_NAMES:
+            from mathctl.convert_instella import is_instella_config
+
+            if not is_instella_config(source.model_dir):
+                raise ConfigError(f"--to {fmt_to} needs an Instella model, but {source.model_dir or src} has no "
+                                  "config.json with model_type instella",
+                                  hint="convert a Hugging Face Instella folder, or give its config with --base-model")
+            if allow_missing:
+                raise ConfigError(f"--allow-missing cannot be used with --to {fmt_to}",
+                                  hint="Instella's layout needs every tensor; leave --allow-missing out")
         expected = expected_model(source.model_dir, trust_remote_code)
-        if fmt_to == "hf" and expected is None:
+        if fmt_to in ("hf", *OLMO_NAMES) and expected is None:
             raise ConfigError(f"{src} has no config.json and no --base-model was given; a Hugging Face folder needs one",
                               hint="pass --base-model with the model's hub id or a folder holding its config and tokenizer")
+        olmo_dims = None
+        if fmt_to in OLMO_NAMES:  # Hugging Face names first (wrappers, LoRA merges, checks), then fused
+            source, expected, olmo_dims = _olmo_target(source, expected, src)
         plan = make_plan(source, expected)
         target_dtype = DTYPES[dtype]
         summary: dict[str, Any] = {
@@ -1217,10 +1356,11 @@ def convert(src: Path, dst: Path | None, *, fmt_from: str | None = None, fmt_to:
         }
         if dry_run:
             final = {t: e for e in plan.targets for t in [e.key]}
-            summary["mapping"] = [{"source": s, "target": t, "shape": list(source.entries[s].shape),
+            origins = source.origins or {}
+            summary["mapping"] = [{"source": o, "target": t, "shape": list(source.entries[s].shape),
                                    "dtype": str(target_dtype or source.entries[s].dtype).replace("torch.", ""),
                                    "written": t in final and plan.sources.get(t, [None])[0] == s}
-                                  for s, t in plan.mapping]
+                                  for s, t in plan.mapping for o in origins.get(s, [s])]
             if source.gguf is not None:
                 summary["gguf"] = source.gguf
             summary["status"] = "dry-run"
@@ -1229,7 +1369,7 @@ def convert(src: Path, dst: Path | None, *, fmt_from: str | None = None, fmt_to:
         assert dst is not None
         if source.prepare is not None:
             source.prepare()
-        single_file = fmt_to == "torch" and dst.suffix in (".pt", ".bin", ".pth")
+        single_file = fmt_to in ("torch", *OLMO_NAMES) and dst.suffix in (".pt", ".bin", ".pth")
         tmp = dst.parent / f".{dst.name}.tmp"
         if tmp.is_dir():  # a leftover of an interrupted conversion
             shutil.rmtree(tmp)
@@ -1248,8 +1388,15 @@ def convert(src: Path, dst: Path | None, *, fmt_from: str | None = None, fmt_to:
                     result = _write_dcp(source, plan, tmp, limit, target_dtype, advance)
                 else:
                     result = _write_torch(source, plan, tmp if single_file else tmp / "model.pt", target_dtype, advance)
-            if not single_file and expected is not None:  # config and tokenizer travel with the weights
+            if not single_file and olmo_dims is not None:  # config.yaml for Instella's trainer, config.json for the way back
+                from mathctl.convert_instella import write_olmo_side_files
+
+                side = write_olmo_side_files(tmp, source.model_dir, olmo_dims, TOKENIZER_FILES)
+            elif not single_file and expected is not None:  # config and tokenizer travel with the weights
+                from mathctl.convert_instella import copy_remote_code
+
                 side = _write_side_files(tmp, source.model_dir, expected[0], target_dtype, trust_remote_code)
+                side += copy_remote_code(source.model_dir, tmp)
             if dst.is_dir():
                 dst.rmdir()
             tmp.rename(dst)
@@ -1267,6 +1414,24 @@ def convert(src: Path, dst: Path | None, *, fmt_from: str | None = None, fmt_to:
     finally:
         if source.staged is not None:  # a GGUF's config and tokenizer, staged for the writers
             shutil.rmtree(source.staged, ignore_errors=True)
+
+
+def _olmo_target(source: Source, expected: tuple[Any, dict[str, Entry], dict[str, str]],
+                 src: Path) -> tuple[Source, tuple[Any, dict[str, Entry], dict[str, str]], Any]:
+    """`--to olmo`: the source's tensors under Hugging Face Instella names (a plan checked against the
+    config, LoRA merged), seen through a view that fuses them into Instella's OLMo-style names."""
+    from mathctl.convert_instella import dims_from_hf, olmo_layout, read_json_config
+
+    dims = dims_from_hf(read_json_config(source.model_dir) or {}, f"{source.model_dir}/config.json")
+    hf_plan = make_plan(source, expected)
+    check_plan(hf_plan, allow_missing=False)
+    by_key = {e.key: e for e in hf_plan.targets}
+    planned = Source(source.kind, source.path, by_key,
+                     lambda keys: _build_group(source, hf_plan, [by_key[k] for k in keys], None),
+                     model_dir=source.model_dir, notes=source.notes, staged=source.staged)
+    view = _hf_to_olmo_view(planned, dims, str(src))
+    olmo = {name: Entry(name, shape, torch.float32) for name, shape in olmo_layout(dims).items()}
+    return view, (None, olmo, {}), dims
 
 
 def iter_mapping_rows(summary: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:

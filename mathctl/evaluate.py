@@ -36,9 +36,11 @@ from mathctl.core.config import (
     Strict,
     TrackingConfig,
 )
-from mathctl.core.errors import ConfigError, DataError, GateFailed
+from mathctl.core.errors import ConfigError, GateFailed
 from mathctl.core.rundir import RunDir
 from mathctl.grading.graders import GraderName
+from mathctl.processbench import TASK as PROCESSBENCH
+from mathctl.processbench import ProcessBenchSettings
 
 RESULTS = "results.jsonl"
 
@@ -62,10 +64,12 @@ class EvalSection(TaskSettings):
     `per_task.NAME.KEY` overrides them for one task."""
 
     tasks: list[str] = Field(default_factory=list, description="Benchmarks, e.g. [math500, aime2024]; "
-                             "`mathctl eval TASK[,TASK]` sets it.")
+                             "`mathctl eval TASK[,TASK]` sets it. [processbench] alone: judge a process reward "
+                             "model (eval.prm) on ProcessBench instead (eval.processbench).")
     data_dir: str | None = Field(None, description="Folder with local benchmark copies (NAME/test.jsonl); "
                                  "default: $MATHCTL_DATA_DIR, else the hub.")
-    limit: int | None = Field(None, ge=1, description="Only the first N problems of each task.")
+    limit: int | None = Field(None, ge=1, description="Only the first N problems of each task (processbench: N "
+                                 "solutions spread evenly through each split).")
     shard: str | None = Field(None, description="`i/N`: this machine's share of the problems (every N-th from i); "
                               "merge the shards with `mathctl eval merge`.")
     replica: str | None = Field(None, description="Set by data-parallel inference for its workers (engine."
@@ -86,11 +90,12 @@ class EvalSection(TaskSettings):
         "mathctl", description="Who decides correctness: mathctl's grader, or math-verify (an optional "
         "dependency: pip install math-verify) to reproduce numbers reported with it. Recorded in summary.json.")
     prm: str | None = Field(None, description="A reward model (a `mathctl rm` final/) that scores every sample: "
-                            "adds `score` and best-of-k `bon@k`.")
+                            "adds `score` and best-of-k `bon@k`; the model under test of processbench.")
     prm_aggregate: Literal["last", "min"] = Field(
         "last", description="A process model's sample score: the last step's value or the minimum over steps.")
     prm_batch_size: int = Field(16, ge=1, description="Trajectories per reward-model forward pass.")
     per_task: dict[str, TaskSettings] = Field(default_factory=dict, description="Settings for one task, by name.")
+    processbench: ProcessBenchSettings = Field(default_factory=ProcessBenchSettings)
 
     @field_validator("shard", "replica")
     @classmethod
@@ -104,7 +109,8 @@ class EvalConfig(Strict):
     """`mathctl eval`: recipe schema."""
 
     step: Literal["eval"] = "eval"
-    model: ModelSpec
+    model: ModelSpec | None = Field(None, description="The policy model that answers (required, except by "
+                                    "processbench, which scores given solutions and ignores it).")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     eval: EvalSection = Field(default_factory=EvalSection)
     launch: LaunchConfig = Field(
@@ -122,6 +128,12 @@ class EvalConfig(Strict):
                              "replicas of eval; set one of them")
         if self.launch.num_machines > 1 and self.eval.shard:
             raise ValueError("launch.num_machines splits the problems by node already; drop eval.shard (--shard)")
+        if is_processbench(self):
+            self._check_processbench()
+            return self
+        if self.model is None:
+            raise ValueError("eval needs a model to answer: set model.path (--model); only the processbench task "
+                             "scores given solutions without one")
         from mathctl.benchmarks import get_benchmark
 
         unknown = []
@@ -136,7 +148,29 @@ class EvalConfig(Strict):
             raise ValueError(f"unknown eval task {', '.join(repr(u) for u in unknown)}; available: {', '.join(BENCHMARKS)}")
         return self
 
+    def _check_processbench(self) -> None:
+        """ProcessBench scores given solutions with eval.prm: the keys that generate or place engines do
+        not apply, and are refused rather than ignored."""
+        others = [t for t in self.eval.tasks if t.strip().lower() != PROCESSBENCH]
+        if others:
+            raise ValueError(f"processbench judges a reward model and runs alone; drop {', '.join(others)} from "
+                             "eval.tasks (evaluate them in another run)")
+        if not self.eval.prm:
+            raise ValueError("processbench needs the process reward model to judge: set eval.prm (--prm)")
+        unused = [f"eval.{key}" for key in ("n", "temperature", "top_p", "top_k", "max_new_tokens", "prompt",
+                                            "system_prompt", "ks") if getattr(self.eval, key) is not None]
+        unused += ["eval.per_task"] if self.eval.per_task else []
+        unused += ["eval.shard"] if self.eval.shard else []
+        unused += ["eval.stop"] if self.eval.stop else []
+        if self.replicas > 1 or self.launch.num_machines > 1:
+            unused.append("engine.data_parallel_size / launch")
+        if unused:
+            raise ValueError(f"processbench scores given solutions in one process; {', '.join(unused)} do not apply "
+                             "to it: drop them")
+
     def seeds(self) -> dict[str, int]:
+        if is_processbench(self):
+            return {"processbench_calibration": self.eval.processbench.calibration_seed}
         return {"eval": self.eval.seed}
 
     @property
@@ -144,6 +178,12 @@ class EvalConfig(Strict):
         """Engine replicas answering in parallel over all machines (launch.num_processes or
         engine.data_parallel_size)."""
         return max(self.engine.data_parallel_size, self.launch.num_processes)
+
+
+def is_processbench(cfg: EvalConfig) -> bool:
+    """Whether the run judges a process reward model on ProcessBench (mathctl/processbench.py) rather than a
+    policy on benchmarks."""
+    return any(t.strip().lower() == PROCESSBENCH for t in cfg.eval.tasks)
 
 
 # `mathctl eval` places its own processes (engine replicas, mathctl/replicas.py; nodes, mathctl/nodes.py).
@@ -307,31 +347,10 @@ def summarize(records: list[dict[str, Any]], ks: Sequence[int] | None = None) ->
 
 
 def read_results(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
-    """Records of results.jsonl. A last line cut by a kill is dropped (and, with `repair`, removed
-    from the file, so appending continues on a clean line); a bad line elsewhere is an error."""
-    if not path.is_file():
-        return []
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if any(rest.strip() for rest in lines[number:]):
-                raise DataError(f"{path} line {number}: malformed JSON in the middle of the results",
-                                hint="delete that line (its problem is then generated again on --resume)") from None
-            if repair:
-                from mathctl.core.io import atomic_write_text
+    """Records of results.jsonl, a cut last line dropped (`mathctl.core.io.read_appended`)."""
+    from mathctl.core.io import read_appended
 
-                atomic_write_text(path, "".join(f"{kept}\n" for kept in lines[: number - 1] if kept.strip()))
-            return records
-    if repair and text and not text.endswith("\n"):  # a whole record whose newline was cut: appends go on a new line
-        with path.open("a", encoding="utf-8") as handle:
-            handle.write("\n")
-    return records
+    return read_appended(path, repair=repair)
 
 
 # --- run --------------------------------------------------------------------------------------
@@ -361,9 +380,14 @@ def select_problems(problems: list, cfg: EvalConfig) -> list:
 
 
 def load_tasks(cfg: EvalConfig) -> dict[str, list]:
-    """Each task's problems for this run (limit and shard applied); fails before anything is written."""
+    """Each task's problems for this run (limit and shard applied); fails before anything is written.
+    For processbench: each ProcessBench split's records."""
     from mathctl.benchmarks import get_benchmark, load_problems, resolve_data_dir
 
+    if is_processbench(cfg):
+        from mathctl import processbench
+
+        return processbench.load_splits(cfg.eval.processbench, resolve_data_dir(cfg.eval.data_dir), cfg.eval.limit)
     tasks = get_task_names(cfg)
     if not tasks:
         raise ConfigError("no eval task given", hint="mathctl eval math500 --model PATH (or eval.tasks in the recipe)")
@@ -384,7 +408,12 @@ def run(cfg: EvalConfig, run_dir: RunDir, *, engine: Any = None, problems: dict[
         scorer: Scorer | None = None) -> dict[str, Any]:
     """Evaluate every task of `cfg` into `run_dir`; returns the summary (also in summary.json).
     `engine` reuses a loaded engine (GRPO's in-loop eval); `problems` comes from `load_tasks`;
-    `scorer` adds a `score` to every sample, and with it the best-of-k metric `bon@k`."""
+    `scorer` adds a `score` to every sample, and with it the best-of-k metric `bon@k`.
+    A processbench config goes to `mathctl.processbench.run` (`problems`: its splits' records)."""
+    if is_processbench(cfg):
+        from mathctl import processbench
+
+        return processbench.run(cfg, run_dir, splits=problems)
     from mathctl.core.console import log, progress
     from mathctl.engines import make_engine
     from mathctl.grading import shutdown_workers
@@ -522,6 +551,10 @@ def write_summary(cfg: EvalConfig, run_dir: RunDir, tasks: list[str], *, prompt_
 
 
 def check_gate(summary: dict[str, Any]) -> None:
+    if summary.get("benchmark") == PROCESSBENCH:
+        from mathctl import processbench
+
+        return processbench.check_gate(summary)
     if summary.get("gate") == "failed":
         gate = summary["min_score"]
         low = ", ".join(f"{name} {entry['score']:.4f}" for name, entry in summary["tasks"].items() if entry["score"] < gate)
@@ -529,6 +562,10 @@ def check_gate(summary: dict[str, Any]) -> None:
 
 
 def render_table(summary: dict[str, Any]):
+    if summary.get("benchmark") == PROCESSBENCH:
+        from mathctl import processbench
+
+        return processbench.render_table(summary)
     from rich.table import Table
 
     table = Table(title=f"eval: {summary['model']}", title_justify="left")
@@ -678,4 +715,6 @@ def write_merged_results(folders: list[Path], tasks: list[str], out: Path) -> No
 def get_task_names(cfg: EvalConfig) -> list[str]:
     from mathctl.benchmarks import get_benchmark
 
+    if is_processbench(cfg):
+        return [PROCESSBENCH]
     return [get_benchmark(t).name for t in cfg.eval.tasks]

@@ -11,6 +11,18 @@ One step of a run:
    Lmax = `grpo.max_completion_len`:
        0                                           L <= Lmax - N
        ((Lmax - N) - L) / N * overlong_penalty     Lmax - N < L <= Lmax   (falls linearly to -overlong_penalty)
+   With `grpo.dynamic_sampling` (DAPO's, Yu et al. 2025; verl's filter_groups), steps 1-2 repeat on the
+   next `prompts_per_step` prompts of the order, the data position moving on by every prompt drawn, until
+   `prompts_per_step` of the step's groups have rewards (overlong penalty included) that are not all equal,
+   or `grpo.max_gen_batches` batches were generated. The step trains on the first `prompts_per_step` such
+   groups in draw order; groups with equal rewards are dropped and later varied ones left unused. Every
+   process draws its share of each batch and the flags of all groups are summed over processes, so all
+   take the same decision and the kept groups (moved between processes where needed, place j to process
+   j % world) do not depend on the number of processes. Batch b of step s is sampled with seed
+   rollout_seed(train.seed, s, b) (train.seed + s for b = 0), and the data position is saved with every
+   checkpoint: a resumed run draws the same prompts and samples. Where verl stops the run once
+   max_num_gen_batches is reached, here the step goes on with the groups found (a warning; the places left
+   hold groups with equal rewards, which carry no loss);
 3. advantages, by `grpo.advantage`:
        grpo          A = r - mean(group), divided by the group's std (unbiased, + 1e-4) when
                      `grpo.scale_rewards: group` (the default; `none` for Dr. GRPO)
@@ -54,9 +66,9 @@ One step of a run:
 5. push the new weights into the engine (LoRA: merged), ready for the next step's rollouts.
 
 Masks: only completion tokens (the EOS included) carry loss; prompt and padding never do.
-`grpo.mask_truncated` drops completions cut by `max_completion_len`; `grpo.filter_groups` drops
-groups whose rewards are all equal (under grpo and rloo advantages they carry none, only dilution of the
-normaliser; under reinforce_pp the batch whitening gives them -mu / std).
+`grpo.mask_truncated` drops completions cut by `max_completion_len`; `grpo.filter_groups` (on by default
+with dynamic sampling) drops groups whose rewards are all equal (under grpo and rloo advantages they carry
+none, only dilution of the normaliser; under reinforce_pp the batch whitening gives them -mu / std).
 
 log-probabilities are taken from `logits / temperature`, the distribution the engine sampled from;
 with `top_p < 1` or `top_k` the engine samples from a truncated distribution and the ratio is against
@@ -105,7 +117,7 @@ from mathctl.core.config import (
     TrackingConfig,
     check_lora_launch,
 )
-from mathctl.core.console import console, log, progress
+from mathctl.core.console import console, log, progress, warn
 from mathctl.core.errors import DataError, EngineError
 from mathctl.core.rundir import RunDir
 from mathctl.rewards import RewardsConfig, no_answer_count
@@ -167,7 +179,18 @@ class GRPOSpec(Strict):
     top_k: int | None = Field(None, ge=1, description="Rollout top-k.")
     stop: list[str] = Field(default_factory=list, description="Extra stop strings for rollouts.")
     mask_truncated: bool = Field(False, description="No loss on completions cut by max_completion_len.")
-    filter_groups: bool = Field(False, description="No loss on groups whose rewards are all equal.")
+    filter_groups: bool | None = Field(
+        None, description="No loss on groups whose rewards are all equal (the overlong penalty included). Default "
+        "(null): on with dynamic_sampling, else off; false with dynamic_sampling is refused.")
+    dynamic_sampling: bool = Field(
+        False, description="DAPO's dynamic sampling: groups whose rewards are all equal are dropped and replaced from "
+        "further generation batches of prompts_per_step new prompts (the data position moves on by every prompt "
+        "drawn), until the step holds prompts_per_step groups whose rewards differ or max_gen_batches batches were "
+        "generated; then it trains on the groups found (logged: gen_batches, groups_kept, groups_dropped).")
+    max_gen_batches: int = Field(
+        4, ge=1, description="dynamic_sampling: generation batches per step at most (verl's "
+        "filter_groups.max_num_gen_batches, which stops the run when reached; here the step goes on with fewer "
+        "groups and a warning).")
     overlong_buffer: int = Field(
         0, ge=0, description="DAPO's soft overlong punishment, in tokens: a completion longer than "
         "max_completion_len - overlong_buffer gets a penalty growing linearly to -overlong_penalty at "
@@ -232,6 +255,10 @@ class GRPOConfig(Strict):
             raise ValueError(f"grpo.scale_rewards=group divides by each group's reward std, which grpo.advantage="
                              f"{self.grpo.advantage} does not do ({what}); set grpo.scale_rewards=auto (or none), or "
                              "grpo.advantage=grpo")
+        if self.grpo.dynamic_sampling and self.grpo.filter_groups is False:
+            raise ValueError("grpo.dynamic_sampling=true replaces the groups whose rewards are all equal, so it filters "
+                             "them: grpo.filter_groups=false contradicts it; drop grpo.filter_groups (or set it true), "
+                             "or set grpo.dynamic_sampling=false")
         if self.grpo.overlong_buffer >= self.grpo.max_completion_len:
             raise ValueError(f"grpo.overlong_buffer ({self.grpo.overlong_buffer}) must be below grpo.max_completion_len "
                              f"({self.grpo.max_completion_len}): the penalty starts that many tokens before the limit")
@@ -257,6 +284,12 @@ class GRPOConfig(Strict):
         return mode == "group" or (mode == "auto" and self.grpo.advantage == "grpo" and self.grpo.loss_type != "dr_grpo")
 
     @property
+    def filters_groups(self) -> bool:
+        """Whether groups whose rewards are all equal carry no loss: grpo.filter_groups, by default on with
+        dynamic sampling."""
+        return self.grpo.filter_groups if self.grpo.filter_groups is not None else self.grpo.dynamic_sampling
+
+    @property
     def epsilon_high(self) -> float:
         return self.grpo.epsilon_high if self.grpo.epsilon_high is not None else self.grpo.epsilon_low
 
@@ -277,6 +310,12 @@ def overlong_penalties(lengths: list[int], max_len: int, buffer: int, penalty: f
     return [-min(max(length - start, 0), buffer) / buffer * penalty for length in lengths]
 
 
+def rewards_equal(group: list[float]) -> bool:
+    """A group whose rewards are all equal: no advantage signal (filter_groups drops it, dynamic sampling
+    replaces it). Exact equality, as verl's `std > 0` test: rewards are sums of a few floats."""
+    return max(group) - min(group) == 0
+
+
 def group_advantages(rewards: list[float], group_size: int, scale: bool,
                      estimator: str = "grpo") -> tuple[list[float], list[bool]]:
     """Per-completion advantages (consecutive runs of `group_size` form a group) and, per completion,
@@ -290,7 +329,7 @@ def group_advantages(rewards: list[float], group_size: int, scale: bool,
         n = len(group)
         mean = sum(group) / n
         std = math.sqrt(sum((r - mean) ** 2 for r in group) / (n - 1)) if n > 1 else 0.0
-        same = max(group) - min(group) == 0
+        same = rewards_equal(group)
         for r in group:
             if estimator == "rloo":  # r - (sum - r) / (n - 1), written through the mean
                 out.append(n / (n - 1) * (r - mean) if n > 1 else 0.0)
@@ -520,8 +559,39 @@ class PromptPlan:
         return self._orders[epoch]
 
     def indices(self, step: int) -> list[int]:
-        start = step * self.per_step
-        return [self._order((start + k) // self.n)[(start + k) % self.n] for k in range(self.per_step)]
+        """The prompts of step `step` when every step draws `per_step` of them."""
+        return self.at(step * self.per_step, self.per_step)
+
+    def at(self, position: int, count: int) -> list[int]:
+        """`count` prompts from `position` on in the stream of passes (the data position: prompts drawn so far)."""
+        return [self._order((position + k) // self.n)[(position + k) % self.n] for k in range(count)]
+
+
+# --- dynamic sampling -------------------------------------------------------------------------
+
+
+def rollout_seed(seed: int, step: int, batch: int) -> int:
+    """Sampling seed of generation batch `batch` of rollout step `step` (every completion is then seeded by
+    this, its prompt's index and its own index). Batch 0 keeps seed + step, the seeding without dynamic
+    sampling; a refill batch gets a seed mixed from all three, so a prompt drawn again within a step (a
+    small data set wraps around) is not handed the samples it already had."""
+    if batch == 0:
+        return seed + step
+    from mathctl.engines import sample_seed
+
+    return sample_seed(seed + step, batch, 0)
+
+
+def pick_groups(flat: list[bool], needed: int) -> tuple[list[int], int]:
+    """Dynamic sampling's choice among the groups drawn in a step (`flat`: in draw order, over all processes,
+    whether each group's rewards are all equal): the positions of the first `needed` groups whose rewards
+    differ (later ones are left unused, as verl cuts its batch), then, when fewer than `needed` differ, the
+    first flat groups, which fill the step's places and carry no loss. Returns (positions, groups that differ)."""
+    varied = [p for p, f in enumerate(flat) if not f][:needed]
+    filler = [p for p, f in enumerate(flat) if f][:needed - len(varied)]
+    if len(varied) + len(filler) < needed:
+        raise ValueError(f"{len(flat)} groups drawn, {needed} needed")
+    return varied + filler, len(varied)
 
 
 # --- weights for the engine -------------------------------------------------------------------
@@ -647,7 +717,8 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
     if dist.is_main:
         atomic_write_json(run_dir.path / "data_stats.json", stats)
     log(f"data: {len(rows)} prompts ({dropped} longer than {g.max_prompt_len} tokens dropped); {total_steps} steps of "
-        f"{g.prompts_per_step} prompts x {g.group_size} completions")
+        f"{g.prompts_per_step} prompts x {g.group_size} completions"
+        + (f"; dynamic sampling: up to {g.max_gen_batches} generation batches a step" if g.dynamic_sampling else ""))
 
     # --- policy, reference, engine
     def build(empty: bool):
@@ -689,12 +760,15 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
         facts = {"prompts": len(rows), "prompts_per_step": g.prompts_per_step, "group_size": g.group_size,
                  "total_steps": total_steps}
         start_step = 0
+        position = 0  # the data position: prompts drawn before this step (more than prompts_per_step a step with
+        # dynamic sampling; saved with each checkpoint, so a resumed run draws the prompts an uninterrupted one does)
         latest = run_dir.latest_checkpoint()
         if latest is not None:
             moved = training.check_resume(latest, dist, facts, hint="resume on {world} process(es) with the recipe "
                                           "that wrote the checkpoint")
             state = training.load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler, dist=dist)
             start_step = state["step"]
+            position = state.get("prompt_position", start_step * g.prompts_per_step)  # older checkpoints: P a step
             log(f"resumed from {latest.name}: continuing at step {start_step}")
             if moved and dist.is_main:
                 run_dir.update_meta(resumed_on_other_world=moved)
@@ -704,7 +778,8 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
 
         def save(step: int) -> None:
             training.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                     trainer_state={"rollout_step": step, **facts}, dist=dist,
+                                     trainer_state={"rollout_step": step, "prompt_position": position, **facts},
+                                     dist=dist,
                                      keep_last=cfg.output.keep_last_checkpoints, hf=cfg.output.save_hf_checkpoints,
                                      tokenizer=tokenizer, lora=cfg.lora, chat_template=tokenizer.chat_template)
 
@@ -771,6 +846,71 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
                     "each step are wrong (a weight-sync bug), or its numerics differ from the trainer's (engine.dtype, "
                     "kernels, quantisation); raise grpo.max_logprob_diff, or set it to null, only if such a gap is expected")
             return mean, gap_max
+        per_batch = g.prompts_per_step  # prompts per generation batch; a step trains on as many groups
+        filter_flat = cfg.filters_groups
+
+        def generate(chosen: list[int], step_sampling: SamplingConfig) -> list[list[Any]]:
+            """Completions of this process's prompts `chosen` (row indices, also the prompts' sampling seeds)."""
+            if tp_group is None:
+                return engine.generate([rows[i]["messages"] for i in chosen], step_sampling, prompt_seeds=chosen)
+            # a tensor-parallel engine: its processes generate the group's prompts together
+            shares: list[Any] = [None] * tp
+            torch.distributed.all_gather_object(shares, chosen, group=tp_group)
+            together = [i for share in shares for i in share]
+            outputs = engine.generate([rows[i]["messages"] for i in together], step_sampling, prompt_seeds=together)
+            offset = sum(len(share) for share in shares[:dist.rank % tp])
+            return outputs[offset:offset + len(chosen)]
+
+        def score(chosen: list[int], samples: list[list[Any]]) -> list[list[dict[str, Any]]]:
+            """One group of items per prompt, each completion with its reward: the reward functions' weighted
+            sum plus DAPO's soft overlong punishment (in tokens; part of the reward, before any group is
+            judged flat, and of `reward` in the metrics)."""
+            items: list[dict[str, Any]] = []
+            for idx, group in zip(chosen, samples):
+                for smp in group:
+                    items.append({"prompt_ids": rows[idx]["prompt_ids"], "completion_ids": list(smp.token_ids),
+                                  "text": smp.text, "answer": rows[idx]["answer"],
+                                  "truncated": smp.finish_reason == "length", "engine_logprobs": smp.logprobs,
+                                  "prompt": rows[idx]["messages"][-1]["content"]})
+            totals, per_fn = cfg.rewards.compute([it["prompt"] for it in items], [it["text"] for it in items],
+                                                 [it["answer"] for it in items])
+            overlong = overlong_penalties([len(it["completion_ids"]) for it in items], g.max_completion_len,
+                                          g.overlong_buffer, g.overlong_penalty)
+            for k, it in enumerate(items):
+                it["reward"] = totals[k] + overlong[k]
+                it["overlong"] = overlong[k]
+                it["rewards"] = {name: per_fn[name][k] for name in reward_names}
+            return [items[i:i + g.group_size] for i in range(0, len(items), g.group_size)]
+
+        def all_flags(local: list[bool]) -> list[bool]:
+            """Per group of a generation batch, over all processes in draw order (this process holds places
+            rank, rank + world, ...): every process decides on the same flags."""
+            values = [0.0] * per_batch
+            for i, flag in enumerate(local):
+                values[i * dist.world + dist.rank] = float(flag)
+            return [v > 0.5 for v in dist.all_reduce_sum(values)]
+
+        def take_groups(drawn: list[list[list[dict[str, Any]]]], picked: list[int]) -> list[list[dict[str, Any]]]:
+            """This process's share of the step's groups: place j of `picked` (positions in draw order over the
+            step's generation batches) goes to process j % world, as the prompts of a batch do. A group
+            generated on another process is sent over (all processes take part, or none: `picked` is the same
+            on all); without dynamic sampling every group stays where it was generated."""
+            mine: dict[int, list[dict[str, Any]]] = {}
+            outgoing: dict[int, list[dict[str, Any]]] = {}
+            moves = False
+            for j, pos in enumerate(picked):
+                batch, k = divmod(pos, per_batch)
+                owner = k % dist.world
+                moves = moves or owner != j % dist.world
+                if owner == dist.rank:
+                    (mine if j % dist.world == dist.rank else outgoing)[j] = drawn[batch][k // dist.world]
+            if moves:
+                parts: list[Any] = [None] * dist.world
+                torch.distributed.all_gather_object(parts, outgoing)
+                for part in parts:
+                    mine.update({j: grp for j, grp in part.items() if j % dist.world == dist.rank})
+            return [mine[j] for j in range(dist.rank, len(picked), dist.world)]
+
         started = time.perf_counter()
         last: dict[str, Any] = {}
 
@@ -778,44 +918,42 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
             advance(start_step)
             for step in range(start_step, total_steps):
                 record: dict[str, Any] = {"step": step + 1}
-                # 1. rollouts (this process's share of the step's prompts)
-                t0 = time.perf_counter()
-                chosen = plan.indices(step)[dist.rank::dist.world]
-                prompts = [rows[i]["messages"] for i in chosen]
-                step_sampling = sampling.model_copy(update={"seed": cfg.train.seed + step})
-                if tp_group is None:
-                    samples = engine.generate(prompts, step_sampling, prompt_seeds=chosen)
-                else:  # a tensor-parallel engine: its processes generate the group's prompts together
-                    shares: list[Any] = [None] * tp
-                    torch.distributed.all_gather_object(shares, chosen, group=tp_group)
-                    together = [i for share in shares for i in share]
-                    outputs = engine.generate([rows[i]["messages"] for i in together], step_sampling, prompt_seeds=together)
-                    offset = sum(len(share) for share in shares[:dist.rank % tp])
-                    samples = outputs[offset:offset + len(chosen)]
+                # 1-2. rollouts (this process's share of the step's prompts) and rewards; with dynamic sampling,
+                # batch after batch of new prompts until prompts_per_step groups have rewards that differ
+                gen_s = reward_s = 0.0
+                drawn: list[list[list[dict[str, Any]]]] = []  # per generation batch: this process's groups
+                flat_drawn: list[bool] = []  # every group drawn, all processes, in draw order
+                while True:
+                    batch = len(drawn)
+                    t0 = time.perf_counter()
+                    chosen = plan.at(position + batch * per_batch, per_batch)[dist.rank::dist.world]
+                    samples = generate(chosen, sampling.model_copy(
+                        update={"seed": rollout_seed(cfg.train.seed, step, batch)}))
+                    gen_s += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    drawn.append(score(chosen, samples))
+                    reward_s += time.perf_counter() - t0
+                    flat_drawn += all_flags([rewards_equal([it["reward"] for it in grp]) for grp in drawn[-1]])
+                    varied = len(flat_drawn) - sum(flat_drawn)
+                    if not g.dynamic_sampling or varied >= per_batch or len(drawn) >= g.max_gen_batches:
+                        break
                 engine.sleep()  # vLLM sleep mode: its memory goes to the trainer until the next push
-                gen_s = time.perf_counter() - t0
-
-                # 2. rewards
-                t0 = time.perf_counter()
-                items: list[dict[str, Any]] = []
-                for idx, messages, group in zip(chosen, prompts, samples):
-                    for s in group:
-                        items.append({"prompt_ids": rows[idx]["prompt_ids"], "completion_ids": list(s.token_ids),
-                                      "text": s.text, "answer": rows[idx]["answer"], "truncated": s.finish_reason == "length",
-                                      "engine_logprobs": s.logprobs, "prompt": messages[-1]["content"]})
-                totals, per_fn = cfg.rewards.compute([it["prompt"] for it in items], [it["text"] for it in items],
-                                                     [it["answer"] for it in items])
-                # DAPO's soft overlong punishment, in tokens; part of the reward (and of `reward` in the metrics)
-                overlong = overlong_penalties([len(it["completion_ids"]) for it in items], g.max_completion_len,
-                                              g.overlong_buffer, g.overlong_penalty)
-                totals = [t + p for t, p in zip(totals, overlong)]
-                reward_s = time.perf_counter() - t0
+                position += len(drawn) * per_batch
+                if g.dynamic_sampling:
+                    picked, kept = pick_groups(flat_drawn, per_batch)
+                    if kept < per_batch:
+                        warn(f"step {step + 1}: {kept} of {per_batch} groups have rewards that differ after "
+                             f"grpo.max_gen_batches={g.max_gen_batches} generation batches; the step trains on those "
+                             f"{kept} (its other places hold groups with equal rewards, which carry no loss)")
+                else:
+                    picked, kept = list(range(per_batch)), len(flat_drawn) - sum(flat_drawn)
+                items = [it for grp in take_groups(drawn, picked) for it in grp]
+                totals = [it["reward"] for it in items]
 
                 # 3. advantages and masks
                 advantages, flat = group_advantages(totals, g.group_size, cfg.std_scaling, g.advantage)
                 for k, it in enumerate(items):
-                    it["reward"] = totals[k]
-                    it["active"] = not ((g.filter_groups and flat[k]) or (g.mask_truncated and it["truncated"]))
+                    it["active"] = not ((filter_flat and flat[k]) or (g.mask_truncated and it["truncated"]))
                 if g.advantage == "reinforce_pp":  # whitened over the step's loss-carrying tokens, every process's
                     advantages = batch_whiten(advantages, [float(len(it["completion_ids"])) * it["active"] for it in items],
                                               reduce=dist.all_reduce_sum)
@@ -902,22 +1040,29 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
                 sync_s = push_weights()
 
                 # 5. metrics (over all processes)
+                # reward, accuracy, lengths...: the completions trained on; zero_std_groups_frac and the gen_*
+                # values: every group generated in the step (the same thing without dynamic sampling)
                 n_items = len(items)
+                everything = [it for groups in drawn for grp in groups for it in grp]
                 sums = dist.all_reduce_sum([
                     n_items, sum(totals), sum(t * t for t in totals),
-                    *[sum(per_fn[name]) for name in reward_names],
+                    *[sum(it["rewards"][name] for it in items) for name in reward_names],
                     sum(len(it["completion_ids"]) for it in items), sum(it["truncated"] for it in items),
-                    sum(flat) / g.group_size, sum(1 for it in items if it["active"]),
+                    sum(1 for it in items if it["active"]),
                     local_stats["tokens"], local_stats["active_tokens"], local_stats["clipped"], local_stats["kl"],
                     local_stats["entropy"], local_stats["loss"],
-                    sum(per_fn["correctness"]) if "correctness" in per_fn else 0.0,
+                    sum(it["rewards"]["correctness"] for it in items) if "correctness" in reward_names else 0.0,
                     meter.weight_sum, meter.weight_count, meter.hits,
-                    no_answer_count([it["text"] for it in items]), sum(overlong),
+                    no_answer_count([it["text"] for it in items]), sum(it["overlong"] for it in items),
+                    len(everything), sum(it["reward"] for it in everything),
+                    sum(it["rewards"]["correctness"] for it in everything) if "correctness" in reward_names else 0.0,
                 ])
                 count, r_sum, r_sq = sums[0], sums[1], sums[2]
                 fn_sums = sums[3:3 + len(reward_names)]
-                (len_sum, trunc, zero_groups, active_n, tok, active_tok, clipped, kl, entropy, loss_sum, correct,
-                 weight_sum, weight_count, weight_hits, no_answer, overlong_sum) = sums[3 + len(reward_names):]
+                (len_sum, trunc, active_n, tok, active_tok, clipped, kl, entropy, loss_sum, correct,
+                 weight_sum, weight_count, weight_hits, no_answer, overlong_sum, gen_count, gen_r_sum,
+                 gen_correct) = sums[3 + len(reward_names):]
+                zero_groups = sum(flat_drawn)
                 weight_max, neg_weight_min = _all_reduce_max(dist, [meter.weight_max, -meter.weight_min])
                 mean = r_sum / count
                 record.update({
@@ -925,14 +1070,23 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
                     **{f"reward/{name}": s / count for name, s in zip(reward_names, fn_sums)},
                     "completion_len": len_sum / count, "truncated_frac": trunc / count,
                     "no_answer_frac": no_answer / count,  # completions the grader finds no answer in
-                    "zero_std_groups_frac": zero_groups / (count / g.group_size), "active_frac": active_n / count,
+                    "zero_std_groups_frac": zero_groups / len(flat_drawn), "active_frac": active_n / count,
                     "clip_frac": clipped / max(active_tok, 1), "loss": loss_sum / g.mini_batches,
                     "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                     "generation_s": gen_s, "reward_s": reward_s, "train_s": train_s, "weight_sync_s": sync_s,
                     "elapsed_s": time.perf_counter() - started,
                 })
-                if "correctness" in per_fn:
+                if "correctness" in reward_names:
                     record["accuracy"] = correct / count
+                if g.dynamic_sampling:
+                    # the groups trained on are those whose rewards differ: their reward and accuracy lean away
+                    # from all-right and all-wrong prompts; gen_reward / gen_accuracy are the policy's, over
+                    # every completion generated in the step
+                    record.update({"gen_batches": len(drawn), "groups_kept": kept, "groups_dropped": zero_groups,
+                                   "groups_unused": len(flat_drawn) - zero_groups - kept, "prompts_drawn": position,
+                                   "gen_reward": gen_r_sum / gen_count})
+                    if "correctness" in reward_names:
+                        record["gen_accuracy"] = gen_correct / gen_count
                 if g.overlong_buffer:
                     record["overlong_penalty"] = overlong_sum / count  # mean over completions, <= 0
                 if logged:
@@ -968,15 +1122,22 @@ def run(cfg: GRPOConfig, run_dir: RunDir) -> dict[str, Any]:
         "resumed_from_step": start_step, "train_seconds": round(train_seconds, 3), "world_size": dist.world,
         "backend": backend, "is_correction": is_mode, "data": stats,
     }
+    if g.dynamic_sampling:
+        summary["prompts_drawn"] = position  # the data position at the end: > steps x prompts_per_step when refilled
     if dist.is_main:
         metrics = [r for r in run_dir.read_metrics() if "reward" in r]
         if metrics:
             head, tail = metrics[: min(10, len(metrics))], metrics[-min(10, len(metrics)):]
             summary["reward_first10"] = sum(r["reward"] for r in head) / len(head)
             summary["reward_last10"] = sum(r["reward"] for r in tail) / len(tail)
+            if g.dynamic_sampling:  # `reward` is the kept groups'; gen_reward the policy's over every completion
+                summary["gen_reward_first10"] = sum(r["gen_reward"] for r in head) / len(head)
+                summary["gen_reward_last10"] = sum(r["gen_reward"] for r in tail) / len(tail)
             summary["last"] = {k: v for k, v in last.items() if not k.endswith("_s")}
         if cfg.output.plots and metrics:
             series = [("reward", "mean reward")] + [(f"reward/{n}", n) for n in reward_names if len(reward_names) > 1]
+            if g.dynamic_sampling:
+                series.append(("gen_reward", "mean reward, every group generated"))
             if "accuracy" in metrics[0]:
                 series.append(("accuracy", "accuracy"))
             training.plot_curves(metrics, series, run_dir.plots_dir / "reward.png", f"mathctl grpo: {run_dir.path.name}",

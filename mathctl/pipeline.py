@@ -246,6 +246,10 @@ def outputs_of(stage: Stage, summary: dict[str, Any], folder: Path) -> dict[str,
 
 def headline(stage: Stage, summary: dict[str, Any], folder: Path) -> str:
     """The stage's effect in a few words."""
+    if stage.step == "eval" and summary.get("benchmark") == "processbench":
+        f1 = summary.get("average_f1")
+        return (f"ProcessBench average F1 {'-' if f1 is None else f'{f1:.3f}'} "
+                f"(threshold {summary['threshold']:.4g}, {summary['threshold_source']})")
     if stage.step == "eval":
         parts = []
         for task, entry in summary.get("tasks", {}).items():

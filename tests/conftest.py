@@ -143,6 +143,15 @@ def lively_model(tiny_model, tmp_path_factory) -> Path:
     return perturbed_copy(tiny_model, tmp_path_factory.mktemp("lively") / "model")
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(config, items):
+    """Every test that reads the quickstart pipeline's stages is a `lifecycle` test: the pipeline takes about
+    ten minutes on 2 cores, so those tests run in their own tier (tests/lifecycle/run), not the default run."""
+    for item in items:
+        if "quickstart_pipeline" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.lifecycle)
+
+
 @pytest.fixture(scope="session")
 def quickstart_pipeline(tmp_path_factory) -> tuple[Path, dict]:
     """`mathctl pipeline --recipe quickstart` (the README's first command; about six minutes on 2 cores):

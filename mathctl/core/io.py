@@ -71,3 +71,35 @@ def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record, ensure_ascii=False, default=float) + "\n")
         handle.flush()
+
+
+def read_appended(path: str | os.PathLike, *, repair: bool = False) -> list[dict[str, Any]]:
+    """Records of a JSONL file a run appends to as it goes (eval's results.jsonl). A last line cut by a
+    kill is dropped (and, with `repair`, removed from the file, so appending continues on a clean line);
+    a bad line elsewhere is an error. A missing file has no records.
+
+    Raises:
+        DataError: a line other than the last is not JSON.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if any(rest.strip() for rest in lines[number:]):
+                raise DataError(f"{path} line {number}: malformed JSON in the middle of the results",
+                                hint="delete that line (its record is made again on --resume)") from None
+            if repair:
+                atomic_write_text(path, "".join(f"{kept}\n" for kept in lines[: number - 1] if kept.strip()))
+            return records
+    if repair and text and not text.endswith("\n"):  # a whole record whose newline was cut: appends go on a new line
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write("\n")
+    return records

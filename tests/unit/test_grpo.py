@@ -19,7 +19,10 @@ from mathctl.grpo import (
     group_advantages,
     importance_weights,
     overlong_penalties,
+    pick_groups,
     resolve_is_correction,
+    rewards_equal,
+    rollout_seed,
     token_losses,
 )
 
@@ -453,6 +456,63 @@ def test_prompt_plan_covers_every_prompt_each_pass():
     assert sorted(first[:10]) == list(range(10)) and sorted(first[10:]) == list(range(10))
     assert first[:10] != first[10:]  # reshuffled per pass
     assert PromptPlan(10, 4, seed=3).indices(3) == plan.indices(3)  # deterministic: resume draws the same
+
+
+def test_prompt_plan_positions_continue_the_stream():
+    """A step that draws extra batches (dynamic sampling) reads on in the same stream of passes."""
+    plan = PromptPlan(10, 4, seed=3)
+    stream = [i for s in range(5) for i in plan.indices(s)]
+    assert plan.at(0, 20) == stream
+    assert plan.at(6, 8) == stream[6:14]  # crosses into the second pass
+    assert plan.at(4 * 2, 4) == plan.indices(2)
+
+
+def test_pick_groups_keeps_the_first_groups_that_vary():
+    # draw order over two batches of 3: flat, varied, flat | varied, varied, flat
+    flat = [True, False, True, False, False, True]
+    assert pick_groups(flat, 3) == ([1, 3, 4], 3)
+    assert pick_groups(flat, 2) == ([1, 3], 2)  # the third varied group is left unused, as verl cuts its batch
+    # too few vary (max_gen_batches reached): the first flat ones fill the step's places, after the varied ones
+    assert pick_groups([True, True, False, True], 3) == ([2, 0, 1], 1)
+    assert pick_groups([True, True], 2) == ([0, 1], 0)
+    with pytest.raises(ValueError):
+        pick_groups([False], 2)
+
+
+def test_rewards_equal_includes_every_component():
+    assert rewards_equal([1.0, 1.0]) and rewards_equal([-0.5])
+    assert not rewards_equal([1.0, 1.0 - 0.25])  # the same correctness, a different overlong penalty
+    _, flat = group_advantages([1.0, 0.75, 0.0, 0.0], 2, scale=True)
+    assert flat == [False, False, True, True]
+
+
+def test_rollout_seeds_depend_on_step_and_batch_only():
+    assert rollout_seed(42, 3, 0) == 45  # the first batch keeps the seeding without dynamic sampling
+    seeds = {rollout_seed(42, s, b) for s in range(50) for b in range(4)}
+    assert len(seeds) == 200  # no two (step, batch) share a seed
+    assert rollout_seed(42, 7, 2) == rollout_seed(42, 7, 2) != rollout_seed(43, 7, 2)
+    assert all(0 <= seed < 2 ** 63 for seed in seeds)
+
+
+def test_dynamic_sampling_config():
+    from pydantic import ValidationError
+
+    base = {"model": {"path": "tiny:qwen2-tiny"}}
+    cfg = GRPOConfig(**base)
+    assert not cfg.grpo.dynamic_sampling and cfg.grpo.filter_groups is None and not cfg.filters_groups
+    assert cfg.grpo.max_gen_batches == 4
+    assert GRPOConfig(**base, grpo={"dynamic_sampling": True}).filters_groups  # implied
+    assert GRPOConfig(**base, grpo={"dynamic_sampling": True, "filter_groups": True}).filters_groups
+    assert GRPOConfig(**base, grpo={"filter_groups": True}).filters_groups
+    with pytest.raises(ValidationError, match="grpo.filter_groups=false contradicts it"):
+        GRPOConfig(**base, grpo={"dynamic_sampling": True, "filter_groups": False})
+    with pytest.raises(ValidationError, match="max_gen_batches"):
+        GRPOConfig(**base, grpo={"dynamic_sampling": True, "max_gen_batches": 0})
+    for advantage in ("grpo", "rloo", "reinforce_pp"):
+        GRPOConfig(**base, grpo={"dynamic_sampling": True, "advantage": advantage, "overlong_buffer": 8})
+    # the resolved recipe (every key written out, filter_groups as null) validates again in the workers
+    dumped = GRPOConfig(**base, grpo={"dynamic_sampling": True}).model_dump(mode="json")
+    assert GRPOConfig(**dumped).filters_groups
 
 
 def test_lora_weights_for_the_engine_are_the_merged_model(tiny_model):
