@@ -79,7 +79,12 @@ def test_dpo_trains_logs_and_writes_a_loadable_final(dpo_run):
     assert first["loss"] == pytest.approx(first["preference_loss"] + first["sft_nll"], abs=1e-6)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margin", "accuracy", "lr", "grad_norm"):
         assert key in first
-    assert last["step"] == 80 and last["preference_loss"] < math.log(2) and last["rewards/margin"] > 0
+    # one step's 4 pairs are noise (the NLL term dominates the update on a random model): the last 20 steps' mean
+    # preference loss is below log 2 and their mean margin above 0 (measured 0.62 and +0.20)
+    tail = metrics[-20:]
+    assert last["step"] == 80 and last["sft_nll"] < first["sft_nll"]
+    assert sum(m["preference_loss"] for m in tail) / 20 < math.log(2) - 0.02
+    assert sum(m["rewards/margin"] for m in tail) / 20 > 0.03
     assert [m["step"] for m in metrics if "eval_accuracy" in m] == [0, 40, 80]
     assert {p.name for p in (run / "plots").glob("*.png")} >= {"loss.png", "margin.png", "accuracy.png"}
     cache = json.loads((run / "reference_logps.json").read_text())
@@ -121,6 +126,43 @@ def test_sigkill_then_resume_gives_the_same_weights(tiny_model, pair_file, dpo_r
     assert max(float((expected[k] - got[k]).abs().max()) for k in expected) <= 1e-6
     assert [m.get("loss") for m in _metrics(killed)] == pytest.approx([m.get("loss") for m in _metrics(straight)],
                                                                        abs=1e-6, nan_ok=True)
+
+
+@pytest.mark.slow
+def test_two_fsdp_processes_match_one_and_bf16_trains(tiny_model, pair_file, cli, tmp_path, capsys):
+    """launch.num_processes=2 runs DPO under FSDP2 over gloo (accelerate launch). With the same 8 pairs a step (2
+    processes x 4 vs 1 process x 4 x 2 accumulated), the preference loss is the mean over the step's pairs however
+    they are split, so both runs log the same losses up to the order of fp32 reductions; the reference cache is
+    computed across both ranks. bf16 mixed precision trains the same recipe to finite losses near fp32's."""
+    common = _args(tiny_model, pair_file, "train.max_steps=6", "train.eval_every_steps=3", "output.save_every_steps=3",
+                   "output.plots=false")
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = cli("dpo", *common, "train.grad_accum_steps=2", "--run-dir", str(one), "--json")
+    r2 = cli("dpo", *common, "train.grad_accum_steps=1", "launch.num_processes=2", "--run-dir", str(two), "--json")
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert json.loads(r2.stdout)["world_size"] == 2
+    a, b = _metrics(one), _metrics(two)
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    for key in ("loss", "preference_loss", "sft_nll", "rewards/margin", "eval_loss", "eval_margin"):
+        want = [m[key] for m in a if key in m]
+        got = [m[key] for m in b if key in m]
+        # margins are beta x differences of summed log-probs of ~100 nats: fp32 sums in another order move them ~1e-6
+        assert len(want) == len(got) > 0 and got == pytest.approx(want, rel=1e-5, abs=1e-5), key
+    shards = sorted(p.name for p in (two / "checkpoints" / "step_000006" / "dcp").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]
+    x, y = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    assert max(float((x[k] - y[k]).abs().max()) for k in x) < 1e-4
+
+    bf16 = tmp_path / "bf16"
+    result = _in_process(capsys, "dpo", *common, "train.grad_accum_steps=2", "train.precision=bf16",
+                         "--run-dir", str(bf16), "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    c = _metrics(bf16)
+    assert all(math.isfinite(m["loss"]) for m in c if "loss" in m)
+    # bf16 compute rounds each log-prob to ~3 significant digits: the first step's losses agree to about 1e-2
+    assert c[1]["loss"] == pytest.approx(a[1]["loss"], rel=2e-2)
+    assert c[1]["preference_loss"] == pytest.approx(math.log(2), abs=2e-2)
 
 
 def _in_process(capsys, *argv: str):
