@@ -89,6 +89,24 @@ def test_eval_scores_reach_tensorboard_per_task(tiny_model, tmp_path):
         assert f"{task}/pass@k/1" in board and board[f"{task}/problems"] == [(0, 2.0)]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="the dev extra installs tensorboard")
+def test_dpo_metrics_reach_tensorboard(tiny_model, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"What is {i}+{i}?", "chosen": f"\\boxed{{{2 * i}}}",
+                                         "rejected": f"\\boxed{{{2 * i + 1}}}"}) + "\n" for i in range(16)))
+    folder = tmp_path / "dpo"
+    proc = _run("dpo", "--recipe", "quickstart-dpo", f"model.path={tiny_model}", f"data.source={pairs}",
+                "data.eval_fraction=0.25", "train.micro_batch_size=4", "train.max_steps=4", "train.eval_every_steps=2",
+                "output.plots=false", "output.save_every_steps=null", "tracking.report_to=[tensorboard]",
+                "--run-dir", str(folder), env=_offline_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    board = _tensorboard_scalars(folder / "tensorboard")
+    for key in ("loss", "preference_loss", "rewards/margin", "eval_accuracy", "eval_likelihood_accuracy"):
+        want = [(r["step"], r[key]) for r in records if key in r]
+        assert want and [(s, pytest.approx(v, rel=1e-6, abs=1e-12)) for s, v in want] == board[key], key
+
+
 @pytest.mark.skipif(importlib.util.find_spec("trackio") is not None, reason="trackio is installed here")
 def test_missing_tracker_is_exit_2_before_a_run_folder(tiny_model, tmp_path):
     folder = tmp_path / "sft"
