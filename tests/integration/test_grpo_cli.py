@@ -211,8 +211,8 @@ def test_wrong_weights_in_the_engine_stop_the_run(lively_model, tmp_path, monkey
 
     from conftest import noisy_weights
 
-    from mathctl import grpo
     from mathctl.cli import main
+    from mathctl.grpo import train as grpo  # the training loop's module: patch the names run() calls
 
     monkeypatch.setattr(grpo, "engine_weights", noisy_weights(grpo.engine_weights))
     run = tmp_path / "wrong"

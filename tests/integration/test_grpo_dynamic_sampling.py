@@ -36,8 +36,8 @@ class _Recorder:
     rewards of each step's trained batch (the argument of group_advantages)."""
 
     def __init__(self, monkeypatch):
-        from mathctl import grpo
         from mathctl.engines.hf import HFEngine
+        from mathctl.grpo import train as grpo  # the training loop's module: patch the names run() calls
 
         self.calls: list[tuple[list[int], int, list[list[tuple[str, tuple[int, ...]]]]]] = []
         self.trained: list[list[float]] = []

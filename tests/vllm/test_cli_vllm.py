@@ -113,8 +113,8 @@ def test_wrong_weights_in_the_vllm_engine_stop_the_run(vllm_model, tmp_path, mon
     import torch.distributed as dist
     from conftest import noisy_weights
 
-    from mathctl import grpo
     from mathctl.cli import main
+    from mathctl.grpo import train as grpo  # the training loop's module: patch the names run() calls
 
     monkeypatch.setattr(grpo, "engine_weights", noisy_weights(grpo.engine_weights))
     run = tmp_path / "wrong"
