@@ -292,7 +292,7 @@ def test_dcp_reader_reads_views_and_dtypes_exactly(tmp_path, monkeypatch):
 
     import torch.distributed.checkpoint as dcp
 
-    import mathctl.convert as cv
+    import mathctl.convert.sources as cv  # the DCP reader's own module
 
     base = torch.randn(6, 4)
     state = {"plain": torch.randn(5, 3).to(torch.bfloat16), "transposed": base.T, "offset": torch.randn(20)[7:13],

@@ -198,7 +198,7 @@ def test_a_global_step_folder_finds_verl_actor_or_skyrl_policy(verl_checkpoints,
 def test_verl_fixture_holds_uneven_dtensor_shards(verl_checkpoints):
     """The fixture is what the tests claim: every value a DTensor shard, the odd vocabulary split 2 ways
     unevenly (torch.chunk sizes: the first rank holds one row more)."""
-    from mathctl.convert_verl import _load_rank
+    from mathctl.convert.verl import _load_rank
 
     ranks = [_load_rank(verl_checkpoints / "full" / f"model_world_size_2_rank_{r}.pt") for r in (0, 1)]
     for key, value in ranks[0].items():
@@ -211,7 +211,7 @@ def test_verl_fixture_holds_uneven_dtensor_shards(verl_checkpoints):
 def test_the_allow_list_alone_loads_every_layout(verl_checkpoints):
     """torch registers the DTensor classes as safe itself when torch.distributed.tensor is imported; with
     that registry emptied, the reader's own allow-list still loads FSDP, HSDP and LoRA rank files."""
-    from mathctl.convert_verl import _load_rank, _safe_globals
+    from mathctl.convert.verl import _load_rank, _safe_globals
 
     _safe_globals()  # imports torch.distributed.tensor (and so fills torch's registry) before it is emptied
     saved = torch.serialization.get_safe_globals()
