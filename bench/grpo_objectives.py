@@ -104,6 +104,9 @@ def main(argv=None) -> int:
     p.add_argument("--recipes", default=",".join(RECIPES), help="quickstart-NAME grpo recipes, comma-separated")
     p.add_argument("--seeds", default="42", help="train.seed values, comma-separated (42: the recipes' own)")
     p.add_argument("--heldout", type=int, default=500)
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   help="an extra recipe override for every grpo run (repeatable), e.g. data.synthetic.num_problems=800")
+    p.add_argument("--tag", default="", help="suffix of the run names, to keep runs with other --set values apart")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     out = args.out.resolve()
@@ -113,30 +116,32 @@ def main(argv=None) -> int:
     rows = [{"recipe": "sft (start)", "seed": None, **evaluate(out, "sft", sft, heldout)}]
     for name in args.recipes.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            tag = name if seed == 42 else f"{name}-s{seed}"
+            tag = (name if seed == 42 else f"{name}-s{seed}") + (f"-{args.tag}" if args.tag else "")
             run = out / "runs" / "grpo" / tag
             if not (run / "final" / "config.json").exists():
                 start = time.time()
                 resume = ["--resume"] if (run / "meta.json").exists() else [
-                    "--recipe", f"quickstart-{name}", "--model", str(sft), f"train.seed={seed}"]
+                    "--recipe", f"quickstart-{name}", "--model", str(sft), f"train.seed={seed}", *args.overrides]
                 mathctl("grpo", *resume, "--run-dir", str(run), log=out / "logs" / f"grpo-{tag}.log")
                 print(f"{tag}: trained in {time.time() - start:.0f} s", file=sys.stderr)
-            rows.append({"recipe": name, "seed": seed, **train_figures(run), **evaluate(out, tag, run / "final",
+            rows.append({"recipe": name + (f" {args.tag}" if args.tag else ""), "seed": seed, **train_figures(run), **evaluate(out, tag, run / "final",
                                                                                           heldout)})
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    (out / f"results{'-' + args.tag if args.tag else ''}.json").write_text(json.dumps(rows, indent=1))
     if args.json:
         print(json.dumps(rows))
         return 0
     print(f"held-out: {args.heldout} two-operation problems, graded against the gold; tiny:qwen2-small quickstart "
           f"SFT policy; CPU")
-    print(f"{'recipe':<14}{'seed':>5}{'train r first10':>17}{'last10':>8}{'greedy':>8}{'95% CI':>15}"
+    if args.overrides:
+        print("every grpo run with: " + " ".join(args.overrides))
+    print(f"{'recipe':<20}{'seed':>5}{'train r first10':>17}{'last10':>8}{'greedy':>8}{'95% CI':>15}"
           f"{'avg@4 t=1':>11}{'95% CI':>15}{'s':>6}")
     for r in rows:
         # over problems, not samples: a problem's 4 samples are not independent, so this interval is the wider one
         g, t = interval(r["greedy"], r["problems"]), interval(r["t1"], r["problems"])
         train = (f"{r['reward_first10']:>17.3f}{r['reward_last10']:>8.3f}" if "reward_first10" in r
                  else f"{'':>17}{'':>8}")
-        print(f"{r['recipe']:<14}{r['seed'] if r['seed'] is not None else '':>5}{train}{r['greedy']:>8.3f}"
+        print(f"{r['recipe']:<20}{r['seed'] if r['seed'] is not None else '':>5}{train}{r['greedy']:>8.3f}"
               f"{f'{g[0]:.3f}-{g[1]:.3f}':>15}{r['t1']:>11.3f}{f'{t[0]:.3f}-{t[1]:.3f}':>15}"
               f"{r.get('seconds', 0):>6.0f}")
     return 0
