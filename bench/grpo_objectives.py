@@ -53,7 +53,9 @@ def heldout_file(out: Path, n: int) -> Path:
 
     path = out / "heldout.jsonl"
     if not path.exists():
-        train = {r["problem"] for r in generate(SyntheticSpec(num_problems=80, seed=3, max_digits=1, min_ops=2,
+        # the recipes train on the first 80 problems of synthetic seed 3; the first 2000 are left out (for --set
+        # data.synthetic.num_problems up to 2000)
+        train = {r["problem"] for r in generate(SyntheticSpec(num_problems=2000, seed=3, max_digits=1, min_ops=2,
                                                               max_ops=2))}
         rows, seen = [], set()
         for r in generate(SyntheticSpec(num_problems=3 * n, seed=17, max_digits=1, min_ops=2, max_ops=2)):
