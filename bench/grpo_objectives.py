@@ -75,7 +75,7 @@ def evaluate(out: Path, name: str, model: Path, heldout: Path) -> dict[str, floa
         if not (run / "summary.json").exists():
             mathctl("eval", "--recipe", "quickstart-eval", str(heldout), "--model", str(model), *extra,
                     "--run-dir", str(run), log=out / "logs" / f"eval-{name}-{kind}.log")
-        task = json.loads((run / "summary.json").read_text())["tasks"][heldout.name]
+        task = next(iter(json.loads((run / "summary.json").read_text())["tasks"].values()))  # the one task
         scores[kind] = task["score"]
         scores["problems"] = task["problems"]
     return scores
