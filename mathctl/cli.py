@@ -221,81 +221,44 @@ def _recipes_help(step: str) -> str:
     return ", ".join(available_recipes(step))
 
 
-@app.command(help="Supervised fine-tuning (full or LoRA), one process to many nodes. "
-             "Examples: mathctl sft --recipe quickstart-sft (tiny model, CPU, ~100 s); "
-             "mathctl sft --recipe openmath2 launch.num_processes=8; mathctl sft --resume --run-dir runs/sft/NAME. "
-             "Shipped recipes: " + _recipes_help("sft"))
-def sft(
-    overrides: list[str] = OverridesArg,
-    recipe: str = RecipeOpt,
-    model: str = ModelOpt,
-    run_dir: Path = RunDirOpt,
-    resume: bool = ResumeOpt,
-    dry_run: bool = DryRunOpt,
-    json_out: bool = JsonOpt,
-    slurm: bool = SlurmOpt,
-    submit: bool = SubmitOpt,
-) -> None:
-    run_step("sft", recipe=recipe, overrides=overrides, aliases={"model.path": model}, run_dir=run_dir,
-             resume=resume, dry_run=dry_run, as_json=json_out, slurm=slurm, submit=submit)
+def _training_command(step: str, help_text: str) -> None:
+    """Register `mathctl STEP`: the training steps (sft, rm, grpo, dpo) take the same options and share one flow."""
+
+    def command(
+        overrides: list[str] = OverridesArg,
+        recipe: str = RecipeOpt,
+        model: str = ModelOpt,
+        run_dir: Path = RunDirOpt,
+        resume: bool = ResumeOpt,
+        dry_run: bool = DryRunOpt,
+        json_out: bool = JsonOpt,
+        slurm: bool = SlurmOpt,
+        submit: bool = SubmitOpt,
+    ) -> None:
+        run_step(step, recipe=recipe, overrides=overrides, aliases={"model.path": model}, run_dir=run_dir,
+                 resume=resume, dry_run=dry_run, as_json=json_out, slurm=slurm, submit=submit)
+
+    command.__name__ = step
+    app.command(step, help=help_text)(command)
 
 
-@app.command(help="Reward models: outcome (Bradley-Terry on responses) or process (rStar-Math PPM on steps), "
-             "one process to many nodes. Examples: mathctl rm --recipe quickstart-ppm --model runs/sft/NAME/final; "
-             "mathctl rm --recipe rstar-ppm data.source=runs/mcts/NAME/ppm_pairs.jsonl. "
-             "Shipped recipes: " + _recipes_help("rm"))
-def rm(
-    overrides: list[str] = OverridesArg,
-    recipe: str = RecipeOpt,
-    model: str = ModelOpt,
-    run_dir: Path = RunDirOpt,
-    resume: bool = ResumeOpt,
-    dry_run: bool = DryRunOpt,
-    json_out: bool = JsonOpt,
-    slurm: bool = SlurmOpt,
-    submit: bool = SubmitOpt,
-) -> None:
-    run_step("rm", recipe=recipe, overrides=overrides, aliases={"model.path": model}, run_dir=run_dir,
-             resume=resume, dry_run=dry_run, as_json=json_out, slurm=slurm, submit=submit)
-
-
-@app.command("grpo", help="GRPO with verifiable math rewards: rollouts on the engine (transformers; vLLM on GPU), "
-             "group-normalised advantages, clipped surrogate, optional KL to the reference; one process to many "
-             "nodes. Examples: mathctl grpo --recipe quickstart-grpo --model runs/sft/NAME/final; "
-             "mathctl grpo --recipe gsm8k-grpo-lora. Shipped recipes: " + _recipes_help("grpo"))
-def grpo(
-    overrides: list[str] = OverridesArg,
-    recipe: str = RecipeOpt,
-    model: str = ModelOpt,
-    run_dir: Path = RunDirOpt,
-    resume: bool = ResumeOpt,
-    dry_run: bool = DryRunOpt,
-    json_out: bool = JsonOpt,
-    slurm: bool = SlurmOpt,
-    submit: bool = SubmitOpt,
-) -> None:
-    run_step("grpo", recipe=recipe, overrides=overrides, aliases={"model.path": model}, run_dir=run_dir,
-             resume=resume, dry_run=dry_run, as_json=json_out, slurm=slurm, submit=submit)
-
-
-@app.command(help="Direct preference optimisation on (prompt, chosen, rejected) pairs: DPO, length-normalised DPO "
-             "(dpo_norm, Tulu 3), IPO or SimPO, with a reference cached in the run folder or the LoRA base; one "
-             "process to many nodes. Examples: mathctl dpo --recipe quickstart-dpo --model runs/sft/quickstart/final "
-             "data.source=runs/pairs/quickstart/pairs.jsonl; mathctl dpo --recipe tulu3-dpo-8b launch.num_processes=8. "
-             "Pairs from a model's own graded answers: mathctl data pairs. Shipped recipes: " + _recipes_help("dpo"))
-def dpo(
-    overrides: list[str] = OverridesArg,
-    recipe: str = RecipeOpt,
-    model: str = ModelOpt,
-    run_dir: Path = RunDirOpt,
-    resume: bool = ResumeOpt,
-    dry_run: bool = DryRunOpt,
-    json_out: bool = JsonOpt,
-    slurm: bool = SlurmOpt,
-    submit: bool = SubmitOpt,
-) -> None:
-    run_step("dpo", recipe=recipe, overrides=overrides, aliases={"model.path": model}, run_dir=run_dir,
-             resume=resume, dry_run=dry_run, as_json=json_out, slurm=slurm, submit=submit)
+_training_command("sft", "Supervised fine-tuning (full or LoRA), one process to many nodes. "
+                  "Examples: mathctl sft --recipe quickstart-sft (tiny model, CPU, ~100 s); "
+                  "mathctl sft --recipe openmath2 launch.num_processes=8; mathctl sft --resume --run-dir runs/sft/NAME. "
+                  "Shipped recipes: " + _recipes_help("sft"))
+_training_command("rm", "Reward models: outcome (Bradley-Terry on responses) or process (rStar-Math PPM on steps), "
+                  "one process to many nodes. Examples: mathctl rm --recipe quickstart-ppm --model runs/sft/NAME/final; "
+                  "mathctl rm --recipe rstar-ppm data.source=runs/mcts/NAME/ppm_pairs.jsonl. "
+                  "Shipped recipes: " + _recipes_help("rm"))
+_training_command("grpo", "GRPO with verifiable math rewards: rollouts on the engine (transformers; vLLM on GPU), "
+                  "group-normalised advantages, clipped surrogate, optional KL to the reference; one process to many "
+                  "nodes. Examples: mathctl grpo --recipe quickstart-grpo --model runs/sft/NAME/final; "
+                  "mathctl grpo --recipe gsm8k-grpo-lora. Shipped recipes: " + _recipes_help("grpo"))
+_training_command("dpo", "Direct preference optimisation on (prompt, chosen, rejected) pairs: DPO, length-normalised DPO "
+                  "(dpo_norm, Tulu 3), IPO or SimPO, with a reference cached in the run folder or the LoRA base; one "
+                  "process to many nodes. Examples: mathctl dpo --recipe quickstart-dpo --model runs/sft/quickstart/final "
+                  "data.source=runs/pairs/quickstart/pairs.jsonl; mathctl dpo --recipe tulu3-dpo-8b launch.num_processes=8. "
+                  "Pairs from a model's own graded answers: mathctl data pairs. Shipped recipes: " + _recipes_help("dpo"))
 
 
 DEFAULT_MCTS_RECIPE = "rstar-math"  # `mathctl mcts-sample --rounds 4`: rStar-Math's search when no recipe is named
