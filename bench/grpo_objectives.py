@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import time
@@ -91,14 +90,6 @@ def train_figures(run: Path) -> dict[str, float]:
             "reward_last10": sum(r[key] for r in last) / len(last), "seconds": summary["train_seconds"]}
 
 
-def interval(p: float, n: int) -> tuple[float, float]:
-    """Wilson 95% interval of a proportion p over n trials."""
-    z = 1.96
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--sft", type=Path, required=True, help="the quickstart SFT policy (runs/sft/NAME/final)")
@@ -111,6 +102,7 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="", help="suffix of the run names, to keep runs with other --set values apart")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    from mathctl.evaluate import wilson_interval  # the interval `mathctl eval` reports
     out = args.out.resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     sft = args.sft.resolve()
@@ -140,7 +132,8 @@ def main(argv=None) -> int:
           f"{'avg@4 t=1':>11}{'95% CI':>15}{'s':>6}")
     for r in rows:
         # over problems, not samples: a problem's 4 samples are not independent, so this interval is the wider one
-        g, t = interval(r["greedy"], r["problems"]), interval(r["t1"], r["problems"])
+        g = wilson_interval(r["greedy"] * r["problems"], r["problems"])
+        t = wilson_interval(r["t1"] * r["problems"], r["problems"])
         train = (f"{r['reward_first10']:>17.3f}{r['reward_last10']:>8.3f}" if "reward_first10" in r
                  else f"{'':>17}{'':>8}")
         print(f"{r['recipe']:<20}{r['seed'] if r['seed'] is not None else '':>5}{train}{r['greedy']:>8.3f}"
